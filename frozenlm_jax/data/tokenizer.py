@@ -1,0 +1,59 @@
+"""The text tokenizer every part of the project uses: a thin wrapper over `tokenizers`.
+
+Special tokens follow the LM's own metadata: `encode` adds BOS only when the tokenizer's post-processor
+does (SmolLM2 adds none, Llama-2 adds one); `eos_id` ends captions; `pad_id` may equal `eos_id`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tokenizers
+
+
+@dataclasses.dataclass
+class Tokenizer:
+    """`encode(str) -> list[int]`, `decode(list[int]) -> str` and the special ids of an LM."""
+
+    backend: tokenizers.Tokenizer
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+
+def byte_level_bpe(tokens: list[str], merges: list[str], special_tokens: list[str]) -> tokenizers.Tokenizer:
+    """A GPT-2-style byte-level BPE tokenizer from a vocabulary and merges (as stored in GGUF files).
+
+    `special_tokens` are matched whole in the text (`<|im_end|>` stays one id), as transformers does.
+    """
+    vocab = {token: index for index, token in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    backend = tokenizers.Tokenizer(
+        tokenizers.models.BPE(
+            vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    if special_tokens:
+        backend.add_special_tokens(
+            [tokenizers.AddedToken(t, normalized=False, special=True) for t in special_tokens]
+        )
+    return backend
