@@ -3,3 +3,8 @@
 A frozen, pretrained language model becomes a multimodal few-shot learner by training only a vision
 encoder whose output is a visual prefix for the LM.
 """
+
+from frozenlm_jax.checkpoints import CheckpointError, LoadedLM, load_lm  # noqa: E402
+from frozenlm_jax.models.lm import DecoderLM, LMConfig  # noqa: E402
+
+__all__ = ["CheckpointError", "DecoderLM", "LMConfig", "LoadedLM", "load_lm"]

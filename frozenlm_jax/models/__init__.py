@@ -1,0 +1,1 @@
+"""Linen modules: the decoder-only LM, vision encoders and the Frozen model."""

@@ -1,0 +1,352 @@
+"""A decoder-only transformer in linen covering the Llama (llama, mistral) and GPT-2 families.
+
+`DecoderLM(config).apply({"params": p}, input_ids)` gives float32 logits [B, T, padded_vocab]; the visual
+prefix enters through `inputs_embeds`; `return_hidden=True` returns final hidden states so a caller
+applies the head (`method=DecoderLM.logits`) only where it needs logits. A KV cache (`init_cache`)
+supports prefill then one-token extension. Every parameter carries logical axis names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FAMILIES = ("llama", "gpt2")
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# Logical names of the hidden-state activations, mapped to mesh axes by the rules in `parallel.py`.
+HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: `linear` (positions / factor) or `llama3` (Llama 3.1's banded scaling)."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """Architecture of a decoder-only LM. Hashable, so it can be a static argument of `jax.jit`."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-5
+    activation: str = "silu"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    vocab_pad_multiple: int = 128
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown LM family {self.family!r}; supported: {', '.join(FAMILIES)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; supported: {', '.join(REMAT_POLICIES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.rope_scaling is not None and self.rope_scaling.rope_type not in ("linear", "llama3"):
+            raise ValueError(
+                f"unsupported rope scaling {self.rope_scaling.rope_type!r}; supported: linear, llama3"
+            )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+    def replace(self, **changes) -> "LMConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _init(std: float, axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _zeros(axes):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+class Norm(nn.Module):
+    """RMSNorm (llama) or LayerNorm (gpt2), computed in float32."""
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        pdt = jnp.dtype(cfg.param_dtype)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (x.shape[-1],), pdt)
+        h = x.astype(jnp.float32)
+        if cfg.family == "gpt2":
+            bias = self.param("bias", _zeros(("norm",)), (x.shape[-1],), pdt)
+            h = h - h.mean(-1, keepdims=True)
+            h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + cfg.norm_eps)
+            return (h * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(cfg.dtype)
+        h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + cfg.norm_eps)
+        # Llama casts back before scaling; the same order keeps bfloat16 parity with transformers.
+        return scale.astype(cfg.dtype) * h.astype(cfg.dtype)
+
+
+def rope_inverse_frequencies(cfg: LMConfig) -> np.ndarray:
+    """Per-pair rotation frequencies [head_dim // 2], with linear or llama3 scaling applied."""
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv.astype(np.float32)
+    if s.rope_type == "linear":
+        return (inv / s.factor).astype(np.float32)
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(cfg: LMConfig, positions):
+    """cos and sin [B, T, head_dim] for explicit positions [B, T] (rotate-half layout, as in HF)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x [B, T, heads, head_dim] by the tables [B, T, head_dim]."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads, never materialising repeated K/V."""
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, x, kv_cache, rope, mask, write_index):
+        cfg = self.config
+        h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias or cfg.family == "gpt2"
+        dense = lambda feats, axes, bias_axes, name: nn.DenseGeneral(  # noqa: E731
+            feats, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+            kernel_init=_init(0.02, axes), bias_init=_zeros(bias_axes))
+        q = dense((h, hd), ("embed", "heads", "head_dim"), ("heads", "head_dim"), "q_proj")(x)
+        k = dense((kvh, hd), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), "k_proj")(x)
+        v = dense((kvh, hd), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), "v_proj")(x)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        new_cache = None
+        if kv_cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv_cache["k"], k.astype(kv_cache["k"].dtype), write_index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v.astype(kv_cache["v"].dtype), write_index, 1)
+            new_cache = {"k": k, "v": v}
+            k, v = k.astype(cfg.dtype), v.astype(cfg.dtype)
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, kvh, h // kvh, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(hd)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+        out = nn.DenseGeneral(
+            cfg.hidden_size, axis=(-2, -1), use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            kernel_init=_init(0.02, ("heads", "head_dim", "embed")), bias_init=_zeros(("embed",)),
+            name="o_proj")(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU (llama) or a GELU MLP with biases (gpt2)."""
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        bias = cfg.mlp_bias or cfg.family == "gpt2"
+        dense = lambda feats, axes, name: nn.Dense(  # noqa: E731
+            feats, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+            kernel_init=_init(0.02, axes), bias_init=_zeros(axes[-1:]))
+        act = ACTIVATIONS[cfg.activation]
+        if cfg.family == "gpt2":
+            return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(
+                act(dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)))
+        gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+        up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(act(gate) * up)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer. Returns (hidden, updated layer KV cache or None)."""
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, x, kv_cache, rope, mask, write_index):
+        attn_out, new_cache = Attention(self.config, name="attn")(
+            Norm(self.config, name="attn_norm")(x), kv_cache, rope, mask, write_index)
+        x = x + attn_out
+        x = x + MLP(self.config, name="mlp")(Norm(self.config, name="mlp_norm")(x))
+        return nn.with_logical_constraint(x, HIDDEN_AXES), new_cache
+
+
+def init_cache(config: LMConfig, batch_size: int, max_length: int, dtype=None) -> dict[str, Any]:
+    """An empty KV cache for `batch_size` rows of up to `max_length` tokens.
+
+    `k`/`v` are [layers, B, S, kv_heads, head_dim]; `mask` marks filled slots; `index` is the next
+    slot to write (shared by all rows); `next_position` is each row's next position id.
+    """
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "mask": jnp.zeros((batch_size, max_length), bool),
+        "index": jnp.zeros((), jnp.int32),
+        "next_position": jnp.zeros((batch_size,), jnp.int32),
+    }
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only LM. Params: `embed`, [`pos_embed`], `layers_{i}` or scanned `layers`, `final_norm`,
+    [`lm_head`]."""
+
+    config: LMConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(
+            cfg.padded_vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            embedding_init=_init(0.02, ("vocab", "embed")), name="embed")
+        if cfg.family == "gpt2":
+            self.pos_embed = nn.Embed(
+                cfg.max_position_embeddings, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                embedding_init=_init(0.01, ("positions", "embed")), name="pos_embed")
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        else:
+            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.final_norm = Norm(cfg, name="final_norm")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.padded_vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=_init(0.02, ("embed", "vocab")), name="lm_head")
+
+    def embed(self, input_ids):
+        """Token embeddings [B, T, D] (where a visual prefix would be written)."""
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden):
+        """Float32 logits over the padded vocabulary; padded rows are the float32 minimum."""
+        cfg = self.config
+        if cfg.tie_word_embeddings:
+            out = self.embed_tokens.attend(hidden.astype(cfg.dtype))
+        else:
+            out = self.lm_head(hidden)
+        out = out.astype(jnp.float32)
+        if cfg.padded_vocab_size != cfg.vocab_size:
+            out = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, out, jnp.finfo(jnp.float32).min)
+        return out
+
+    def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, attention_mask=None,
+                 cache=None, return_hidden=False):
+        """Run the LM on `input_ids` [B, T] or `inputs_embeds` [B, T, D].
+
+        attention_mask: bool [B, T], False for padding (default all True).
+        positions: int [B, T] position ids (default: counted over the real tokens, continuing the cache).
+        cache: from `init_cache`; then the tokens are written at `cache["index"]` and the result is
+            `(output, new_cache)`.
+        Returns float32 logits [B, T, padded_vocab], or final hidden states [B, T, D] if `return_hidden`.
+        """
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
+        b, t = x.shape[:2]
+        attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        start = jnp.zeros((b,), jnp.int32) if cache is None else cache["next_position"]
+        if positions is None:
+            positions = start[:, None] + jnp.maximum(jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1, 0)
+        if cfg.family == "gpt2":
+            x = x + self.pos_embed(jnp.clip(positions, 0, cfg.max_position_embeddings - 1))
+        x = nn.with_logical_constraint(x, HIDDEN_AXES)
+
+        write_index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
+        if cache is None:
+            key_valid, kv = attention_mask, None
+        else:
+            key_valid = jax.lax.dynamic_update_slice_in_dim(cache["mask"], attention_mask, write_index, 1)
+            kv = {"k": cache["k"], "v": cache["v"]}
+        query_slot = write_index + jnp.arange(t)
+        key_slot = jnp.arange(key_valid.shape[1])
+        allowed = key_slot[None, :] <= query_slot[:, None]
+        if cfg.sliding_window is not None:
+            allowed &= query_slot[:, None] - key_slot[None, :] < cfg.sliding_window
+        mask = key_valid[:, None, :] & allowed[None]
+        rope = rope_tables(cfg, positions) if cfg.family == "llama" else None
+
+        if cfg.scan_layers:
+            x, new_kv = self.layers(x, kv, rope, mask, write_index)
+        else:
+            new_layers = []
+            for i, layer in enumerate(self.layers):
+                layer_kv = None if kv is None else jax.tree.map(lambda a: a[i], kv)
+                x, layer_kv = layer(x, layer_kv, rope, mask, write_index)
+                new_layers.append(layer_kv)
+            new_kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
+        h = self.final_norm(x)
+        out = h if return_hidden else self.logits(h)
+        if cache is None:
+            return out
+        new_cache = dict(new_kv, mask=key_valid, index=write_index + t,
+                         next_position=start + attention_mask.sum(axis=1, dtype=jnp.int32))
+        return out, new_cache
