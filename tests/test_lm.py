@@ -1,0 +1,163 @@
+"""The LM module on tiny random configs: cache, scan, padding, dtypes, head, decoding."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from frozenlm_jax.decode import greedy_generate
+from frozenlm_jax.models.lm import DecoderLM, LMConfig, RopeScaling, init_cache
+
+LLAMA = LMConfig(family="llama", vocab_size=100, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                 head_dim=16, intermediate_size=96, rope_theta=500.0,
+                 rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, 32))
+GPT2 = LMConfig(family="gpt2", vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
+                head_dim=16, intermediate_size=128, activation="gelu_new", max_position_embeddings=64,
+                tie_word_embeddings=True)
+MISTRAL = LLAMA.replace(sliding_window=4, rope_scaling=None)
+
+
+def init_params(cfg, seed=0):
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = nn.unbox(DecoderLM(cfg).init(jax.random.key(seed), ids)["params"])
+    # Perturb every leaf (norm scales and biases included) so no parameter is trivially neutral.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def random_ids(shape, vocab=100, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2, MISTRAL], ids=["llama", "gpt2", "mistral"])
+def test_kv_cache_matches_full_recompute(cfg):
+    params = init_params(cfg)
+    model = DecoderLM(cfg)
+    ids = random_ids((2, 11))
+    full = model.apply({"params": params}, ids)
+    cache = init_cache(cfg, 2, 16)
+    prefill, cache = model.apply({"params": params}, ids[:, :7], cache=cache)
+    steps = [prefill]
+    for t in range(7, 11):
+        logits, cache = model.apply({"params": params}, ids[:, t:t + 1], cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
+    assert int(cache["index"]) == 11 and cache["next_position"].tolist() == [11, 11]
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_scan_layers_matches_unrolled(cfg):
+    params = init_params(cfg)
+    layers = [params.pop(f"layers_{i}") for i in range(cfg.num_layers)]
+    scanned = dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
+    unrolled = dict(params, **{f"layers_{i}": layer for i, layer in enumerate(layers)})
+    ids = random_ids((2, 9))
+    expected = DecoderLM(cfg).apply({"params": unrolled}, ids)
+    got = DecoderLM(cfg.replace(scan_layers=True)).apply({"params": scanned}, ids)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    cache = init_cache(cfg, 2, 12)
+    _, cache = DecoderLM(cfg.replace(scan_layers=True)).apply({"params": scanned}, ids[:, :8], cache=cache)
+    step, _ = DecoderLM(cfg.replace(scan_layers=True)).apply({"params": scanned}, ids[:, 8:], cache=cache)
+    np.testing.assert_allclose(step[:, 0], expected[:, 8], atol=2e-5)
+
+
+def test_remat_does_not_change_logits():
+    params = init_params(LLAMA)
+    ids = random_ids((2, 9))
+    expected = DecoderLM(LLAMA).apply({"params": params}, ids)
+    for policy in ("full", "save_dots"):
+        got = DecoderLM(LLAMA.replace(remat=policy)).apply({"params": params}, ids)
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_left_padding_with_counted_positions_matches_unpadded(cfg):
+    params = init_params(cfg)
+    model = DecoderLM(cfg)
+    ids = random_ids((1, 6))
+    alone = model.apply({"params": params}, ids)
+    padded = jnp.concatenate([jnp.full((1, 3), 7, jnp.int32), ids], axis=1)
+    mask = jnp.arange(9)[None] >= 3
+    got = model.apply({"params": params}, padded, attention_mask=mask)
+    np.testing.assert_allclose(got[:, 3:], alone, atol=2e-5)
+
+
+def test_inputs_embeds_and_hidden_head_match_ids_path():
+    params = init_params(LLAMA)
+    model = DecoderLM(LLAMA)
+    ids = random_ids((2, 5))
+    logits = model.apply({"params": params}, ids)
+    embeds = model.apply({"params": params}, ids, method=DecoderLM.embed)
+    hidden = model.apply({"params": params}, inputs_embeds=embeds, return_hidden=True)
+    assert hidden.shape == (2, 5, LLAMA.hidden_size)
+    np.testing.assert_allclose(model.apply({"params": params}, hidden, method=DecoderLM.logits), logits, atol=1e-6)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model.apply({"params": params}, ids, inputs_embeds=embeds)
+
+
+def test_padded_vocab_rows_never_win():
+    cfg = LLAMA.replace(tie_word_embeddings=False)
+    assert cfg.padded_vocab_size == 128
+    params = init_params(cfg)
+    # Make the padding columns of the head enormous: they still must not win an argmax.
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, cfg.vocab_size:].set(1e4)
+    logits = DecoderLM(cfg).apply({"params": params}, random_ids((2, 7)))
+    assert logits.shape == (2, 7, 128)
+    assert int(jnp.argmax(logits, -1).max()) < cfg.vocab_size
+    assert bool(jnp.all(jax.nn.softmax(logits)[..., cfg.vocab_size:] == 0))
+
+
+def test_bfloat16_params_and_compute():
+    cfg = LLAMA.replace(dtype="bfloat16", param_dtype="bfloat16")
+    params = nn.unbox(DecoderLM(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    f32_params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    ids = random_ids((2, 8))
+    got = DecoderLM(cfg).apply({"params": params}, ids)
+    expected = DecoderLM(LLAMA).apply({"params": f32_params}, ids)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, atol=0.05)
+
+
+def test_sliding_window_limits_attention():
+    cfg = MISTRAL.replace(num_layers=1)
+    params = init_params(cfg)
+    ids = random_ids((1, 10))
+    base = DecoderLM(cfg).apply({"params": params}, ids)
+    changed = DecoderLM(cfg).apply({"params": params}, ids.at[0, 0].set((ids[0, 0] + 1) % 100))
+    # A window of 4: token 0 is seen from positions 0..3 only.
+    assert not np.allclose(base[0, :4], changed[0, :4], atol=1e-4)
+    np.testing.assert_allclose(base[0, 4:], changed[0, 4:], atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(family="bert"), "unknown LM family 'bert'; supported: llama, gpt2"),
+    (dict(num_kv_heads=3), "num_heads=4 is not a multiple of num_kv_heads=3"),
+    (dict(remat="some"), "unknown remat policy 'some'"),
+    (dict(rope_scaling=RopeScaling("yarn", 2.0)), "unsupported rope scaling 'yarn'"),
+])
+def test_config_errors_name_the_bad_value(bad, message):
+    with pytest.raises(ValueError, match=message):
+        LLAMA.replace(**bad)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_batched_greedy_generation_matches_recomputation(cfg):
+    params = init_params(cfg, seed=3)
+    model = DecoderLM(cfg)
+    prompts = [[5, 17, 42], [9, 8, 7, 6, 5, 4, 3, 2, 1]]
+    got = greedy_generate(model, params, prompts, max_new_tokens=6, eos_id=None)
+    # Recompute without a cache; the model is causal, so right-padding to one shape changes nothing.
+    apply = jax.jit(lambda ids: model.apply({"params": params}, ids))
+    for prompt, tokens in zip(prompts, got):
+        ids = list(prompt)
+        for _ in range(6):
+            logits = apply(jnp.asarray([ids + [0] * (16 - len(ids))]))
+            ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
+        assert tokens == ids[len(prompt):]
+    # EOS stops a row: declare its second token EOS and it comes back cut before it.
+    eos = got[0][1]
+    first = greedy_generate(model, params, prompts[:1], max_new_tokens=6, eos_id=eos)[0]
+    assert first == got[0][:got[0].index(eos)]
