@@ -45,3 +45,33 @@ def smollm2(smollm2_gguf):
     from frozenlm_jax import load_lm
 
     return load_lm("smollm2-135m")
+
+
+def write_random_hf_llama(directory, seed=0, **config_overrides):
+    """A tiny llama HF directory (config.json + model.safetensors) with random weights, built without torch."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    config = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=8, rms_norm_eps=1e-5,
+                  max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    config.update(config_overrides)
+    rng = np.random.default_rng(seed)
+    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
+            p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f),
+        })
+    tensors = {name: (0.1 * rng.standard_normal(shape)).astype(np.float32) for name, shape in shapes.items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(directory / "model.safetensors"))
+    return tensors
