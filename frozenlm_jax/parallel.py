@@ -85,3 +85,8 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.tree.map(
         lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, tuple(leaf.shape), mesh)),
         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """The sharding of batch arrays: leading (batch) dimension over the axes of `activation_batch`."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("activation_batch",), rules))

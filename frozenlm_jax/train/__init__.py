@@ -1,0 +1,1 @@
+"""Training: parameter labels and the optimizer partition, the sharded step."""

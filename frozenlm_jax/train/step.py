@@ -1,0 +1,147 @@
+"""The sharded training step: gradients only w.r.t. trainable params, frozen params a separate argument.
+
+Frozen leaves are passed as their own, non-donated argument and are never differentiated, so no FLOP
+goes to LM weight gradients and no activation is `stop_gradient`-ed: the gradient flows through the LM's
+activations into the vision encoder. The optimizer (`optax.multi_transform` over every leaf's label)
+keeps no state for frozen leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from frozenlm_jax.checkpoints.params import abstract_params
+from frozenlm_jax.models.frozen import Frozen, VisionPrefix
+from frozenlm_jax.models.lm import DecoderLM
+from frozenlm_jax.parallel import DEFAULT_RULES, batch_sharding, logical_shardings
+from frozenlm_jax.train.optimizer import make_optimizer, param_labels
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What a step updates (and donates): the step count, the trainable params and their optimizer state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def _flat(tree):
+    return traverse_util.flatten_dict(tree, sep="/", is_leaf=lambda _, x: not isinstance(x, dict))
+
+
+def split_params(params, labels):
+    """(trainable, frozen): two nested dicts holding the leaves labelled trainable and `frozen`."""
+    flat, flat_labels = _flat(params), _flat(labels)
+    trainable = {p: v for p, v in flat.items() if flat_labels[p] != "frozen"}
+    frozen = {p: v for p, v in flat.items() if flat_labels[p] == "frozen"}
+    return traverse_util.unflatten_dict(trainable, sep="/"), traverse_util.unflatten_dict(frozen, sep="/")
+
+
+def merge_params(*trees):
+    merged = {}
+    for tree in trees:
+        merged.update(_flat(tree))
+    return traverse_util.unflatten_dict(merged, sep="/")
+
+
+def abstract_model_params(model: Frozen, image_shape: tuple[int, int, int]):
+    """Boxed ShapeDtypeStructs of the full `{vision, lm}` tree, carrying logical axis names."""
+    vision = VisionPrefix(model.vision_config, model.num_prefix_tokens, model.lm_config.hidden_size)
+    images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    return {"vision": jax.eval_shape(vision.init, jax.random.key(0), images)["params"],
+            "lm": abstract_params(model.lm_config)}
+
+
+@dataclasses.dataclass
+class Trainer:
+    """A compiled, sharded training step and the shardings it was built for."""
+
+    model: Frozen
+    mesh: Mesh
+    labels: Any
+    optimizer: optax.GradientTransformation
+    state_shardings: Any
+    frozen_shardings: Any
+    batch_sharding: NamedSharding
+    step: Callable  # (state, frozen, batch) -> (state, metrics)
+
+    def shard_batch(self, batch):
+        """Place a host batch (global arrays, one process) on the mesh's batch axes."""
+        return jax.device_put(batch, self.batch_sharding)
+
+
+def make_trainer(model: Frozen, mesh: Mesh, *, label_rules, optimizer_kwargs: dict, image_shape,
+                 rules=DEFAULT_RULES, max_targets: int | None = None, return_frozen_grads: bool = False) -> Trainer:
+    """Build the jitted step for `model` on `mesh`.
+
+    return_frozen_grads: also differentiate w.r.t. the frozen leaves and return those gradients in the
+    metrics (only to measure what freezing by argument saves).
+    """
+    abstract = abstract_model_params(model, image_shape)
+    labels = param_labels(nn.unbox(abstract), label_rules)
+    optimizer = make_optimizer(labels, **optimizer_kwargs)
+    param_shardings = logical_shardings(abstract, mesh, rules)
+    trainable_shardings, frozen_shardings = split_params(param_shardings, labels)
+    opt_shardings = logical_shardings(jax.eval_shape(optimizer.init, abstract), mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_shardings = TrainState(step=replicated, params=trainable_shardings, opt_state=opt_shardings)
+
+    def loss_fn(trainable, frozen, batch):
+        return model.apply({"params": merge_params(trainable, frozen)}, batch, max_targets=max_targets,
+                           method=Frozen.loss)
+
+    def train_step(state: TrainState, frozen, batch):
+        argnums = (0, 1) if return_frozen_grads else 0
+        (_, metrics), grads = jax.value_and_grad(loss_fn, argnums=argnums, has_aux=True)(state.params, frozen, batch)
+        if return_frozen_grads:
+            grads, frozen_grads = grads
+            metrics = dict(metrics, frozen_grads=frozen_grads)
+        # The optimizer sees every leaf; frozen ones get zeros that set_to_zero discards (compiled away).
+        full_grads = merge_params(grads, jax.tree.map(jnp.zeros_like, frozen))
+        updates, opt_state = optimizer.update(full_grads, state.opt_state, merge_params(state.params, frozen))
+        updates, _ = split_params(updates, labels)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    step = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh, rules)),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    return Trainer(model, mesh, labels, optimizer, state_shardings, frozen_shardings,
+                   batch_sharding(mesh, rules), step)
+
+
+def init_params(trainer: Trainer, rng, lm_params=None, image_shape=None):
+    """(TrainState, frozen params), each leaf created directly in its sharding.
+
+    The vision params are initialised here; the LM params are `lm_params` (from `load_lm`, ideally
+    loaded onto the same mesh) or, if None (the `scratch` variant), randomly initialised.
+    """
+    model = trainer.model
+    vision = VisionPrefix(model.vision_config, model.num_prefix_tokens, model.lm_config.hidden_size)
+    shardings = merge_params(trainer.state_shardings.params, trainer.frozen_shardings)
+    images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    vision_rng, lm_rng = jax.random.split(rng)
+    vision_params = jax.jit(lambda r: nn.unbox(vision.init(r, images)["params"]),
+                            out_shardings=shardings["vision"])(vision_rng)
+    if lm_params is None:
+        lm = DecoderLM(model.lm_config)
+        lm_params = jax.jit(lambda r: nn.unbox(lm.init(r, jnp.zeros((1, 1), jnp.int32))["params"]),
+                            out_shardings=shardings["lm"])(lm_rng)
+    else:  # a copy: trainable LM leaves (finetuned) are donated by the step
+        lm_params = jax.device_put(lm_params, shardings["lm"], may_alias=False)
+    params = {"vision": vision_params, "lm": lm_params}
+    trainable, frozen = split_params(params, trainer.labels)
+    opt_state = jax.jit(trainer.optimizer.init, out_shardings=trainer.state_shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), trainer.state_shardings.step)
+    return TrainState(step=step, params=trainable, opt_state=opt_state), frozen

@@ -1,0 +1,211 @@
+"""The Frozen model and its sharded step: prefix placement, freezing, variants, mesh invariance, FLOPs."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from frozenlm_jax.models.frozen import Frozen, check_batch
+from frozenlm_jax.models.lm import DecoderLM, LMConfig
+from frozenlm_jax.models.vision import NFResNet, vision_config
+from frozenlm_jax.parallel import make_mesh
+from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES, param_labels
+from frozenlm_jax.train.step import init_params, make_trainer, merge_params
+
+LM = LMConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+              head_dim=8, intermediate_size=64)
+VISION = vision_config("nf_resnet_tiny")
+IMAGE = (16, 16, 3)
+B, T, N = 8, 10, 2
+
+
+def make_batch(seed=0, images_per_row=1):
+    """Captioning layout: [prefix x N] caption..., loss on the caption; the caption's first token is
+    a function of the image (its brightest channel), so the vision side has something to learn."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 1, (B, images_per_row) + IMAGE).astype(np.float32)
+    tokens = rng.integers(3, LM.vocab_size, (B, T)).astype(np.int32)
+    tokens[:, 0:N] = 0  # placeholder slots
+    tokens[:, N] = 10 + images[:, 0].mean(axis=(1, 2)).argmax(-1)
+    return dict(tokens=tokens, images=images, image_mask=np.ones((B, images_per_row), bool),
+                image_positions=np.zeros((B, images_per_row), np.int32), loss_mask=np.arange(T)[None].repeat(B, 0) >= N)
+
+
+def trainer_for(mesh, variant="frozen", lr=1e-3, **kwargs):
+    model = Frozen(LM, VISION, N, variant=variant)
+    return make_trainer(model, mesh, label_rules=VARIANT_LABEL_RULES[variant], image_shape=IMAGE,
+                        optimizer_kwargs=dict(learning_rate=lr, lm_learning_rate=lr, weight_decay=0.0,
+                                              total_steps=100), **kwargs)
+
+
+def single_device_mesh():
+    return make_mesh({"data": 1}, devices=jax.devices()[:1])
+
+
+def flat(tree):
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+@pytest.fixture(scope="module")
+def lm_params():
+    """A random LM with the weight scale of a trained one (at init scale 0.02 its logits are nearly flat,
+    so no prefix could make it predict anything)."""
+    params = nn.unbox(DecoderLM(LM).init(jax.random.key(7), jnp.zeros((1, 1), jnp.int32))["params"])
+    return jax.tree.map(lambda x: x * 25 if x.ndim > 1 else x, params)
+
+
+def test_freezing_keeps_lm_bit_identical_and_trains_only_vision(lm_params):
+    trainer = trainer_for(make_mesh({"data": 2, "fsdp": 4}))
+    state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+    before = jax.tree.map(np.array, frozen)
+    stem_before = np.array(state.params["vision"]["encoder"]["stem"]["kernel"])
+    assert set(state.params) == {"vision"} and set(frozen) == {"lm"}
+    assert set(flat(param_labels(merge_params(state.params, frozen), VARIANT_LABEL_RULES["frozen"])).values()) \
+        == {"vision", "frozen"}
+    batch = trainer.shard_batch(make_batch())
+    for _ in range(3):
+        state, metrics = trainer.step(state, frozen, batch)
+    for path, value in flat(before).items():
+        np.testing.assert_array_equal(np.asarray(flat(frozen)[path]), value, err_msg=path)
+    assert not np.array_equal(np.asarray(state.params["vision"]["encoder"]["stem"]["kernel"]), stem_before)
+    # The gradient reached the first conv through the frozen LM.
+    grads = jax.jit(jax.grad(lambda p: trainer.model.apply({"params": merge_params(p, frozen)}, batch,
+                                                           method=Frozen.loss)[0]))(state.params)
+    assert float(jnp.abs(grads["vision"]["encoder"]["stem"]["kernel"]).max()) > 0
+    # No optimizer state for any LM leaf: only vision arrays live in it.
+    opt_leaves = jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+    assert all("'lm'" not in jax.tree_util.keystr(path) for path, leaf in opt_leaves if np.ndim(leaf) > 0)
+    assert sum(np.size(leaf) for _, leaf in opt_leaves) < 3 * sum(x.size for x in jax.tree.leaves(state.params)) + 10
+
+
+def test_finetuned_variant_trains_the_lm(lm_params):
+    trainer = trainer_for(single_device_mesh(), variant="finetuned")
+    state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+    assert frozen == {} and set(state.params) == {"vision", "lm"}
+    before = np.array(state.params["lm"]["layers_0"]["mlp"]["up_proj"]["kernel"])
+    state, _ = trainer.step(state, frozen, trainer.shard_batch(make_batch()))
+    assert not np.array_equal(np.asarray(state.params["lm"]["layers_0"]["mlp"]["up_proj"]["kernel"]), before)
+
+
+def test_overfits_a_small_batch(lm_params):
+    trainer = trainer_for(single_device_mesh(), lr=1e-2)
+    state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+    batch = trainer.shard_batch(make_batch())
+    losses = []
+    for _ in range(60):
+        state, metrics = trainer.step(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.6 * losses[0], losses[::10]
+
+
+def two_steps(mesh, lm_params):
+    trainer = trainer_for(mesh)
+    state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+    batch = trainer.shard_batch(make_batch())
+    for _ in range(2):
+        state, metrics = trainer.step(state, frozen, batch)
+    return float(metrics["loss"]), jax.tree.map(np.asarray, state.params), frozen
+
+
+@pytest.fixture(scope="module")
+def single_device_run(lm_params):
+    return two_steps(single_device_mesh(), lm_params)
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_mesh_invariance(lm_params, single_device_run, mesh_shape):
+    loss_1, vision_1, _ = single_device_run
+    loss_n, vision_n, frozen_n = two_steps(make_mesh(mesh_shape), lm_params)
+    assert abs(loss_1 - loss_n) < 1e-4 * abs(loss_1)
+    for path, value in flat(vision_1).items():
+        np.testing.assert_allclose(flat(vision_n)[path], value, atol=2e-5, err_msg=path)
+    kernel = frozen_n["lm"]["layers_0"]["mlp"]["up_proj"]["kernel"]  # (embed, mlp) -> (fsdp, tensor)
+    expected = (LM.hidden_size // mesh_shape.get("fsdp", 1), LM.intermediate_size // mesh_shape.get("tensor", 1))
+    assert kernel.addressable_shards[0].data.shape == expected
+
+
+def test_freezing_by_argument_saves_flops(lm_params):
+    mesh = single_device_mesh()
+    flops = []
+    for return_frozen_grads in (False, True):
+        trainer = trainer_for(mesh, return_frozen_grads=return_frozen_grads)
+        state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+        compiled = trainer.step.lower(state, frozen, trainer.shard_batch(make_batch())).compile()
+        analysis = compiled.cost_analysis()
+        flops.append((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
+    assert flops[0] <= 0.8 * flops[1], flops
+
+
+def test_prefix_lands_in_its_slots_and_text_only_equals_the_lm(lm_params):
+    model = Frozen(LM, VISION, N)
+    batch = make_batch(images_per_row=2)
+    batch["image_positions"] = np.tile(np.array([[1, 5]], np.int32), (B, 1))
+    batch["image_mask"][0, 1] = False  # row 0 has one real image
+    vision = nn.unbox(model.init(jax.random.key(0), batch)["params"]["vision"])
+    params = {"vision": vision, "lm": lm_params}
+    embeds = model.apply({"params": params}, batch, method=Frozen.embed_inputs)
+    tokens = DecoderLM(LM).apply({"params": lm_params}, batch["tokens"], method=DecoderLM.embed)
+    prefix = model.apply({"params": params}, batch["images"].reshape((-1,) + IMAGE),
+                         method=lambda m, x: m.vision(x)).reshape(B, 2, N, -1)
+    for row in range(B):
+        image_slots = {1: (0, 0), 2: (0, 1)} | ({} if row == 0 else {5: (1, 0), 6: (1, 1)})
+        for t in range(T):
+            expected = prefix[row][image_slots[t]] if t in image_slots else tokens[row, t]
+            np.testing.assert_allclose(embeds[row, t], expected, atol=1e-6, err_msg=f"row {row} slot {t}")
+    text_only = dict(batch, image_mask=np.zeros_like(batch["image_mask"]))
+    np.testing.assert_allclose(model.apply({"params": params}, text_only),
+                               DecoderLM(LM).apply({"params": lm_params}, batch["tokens"]), atol=1e-5)
+
+
+def test_bad_batches_raise_clear_errors(lm_params):
+    batch = make_batch()
+    check_batch(batch, N)
+    with pytest.raises(ValueError, match="prefix slots fall outside the 10 tokens"):
+        check_batch(dict(batch, image_positions=np.full((B, 1), 9, np.int32)), N)
+    with pytest.raises(ValueError, match=r"images \(8, 16, 16, 3\) must be \[B, K, H, W, 3\]"):
+        check_batch(dict(batch, images=batch["images"][:, 0]), N)
+    with pytest.raises(ValueError, match="loss_mask marks image slots"):
+        check_batch(dict(batch, loss_mask=np.ones((B, T), bool)), N)
+    two = make_batch(images_per_row=2)
+    with pytest.raises(ValueError, match="image slots overlap"):
+        check_batch(dict(two, image_positions=np.tile(np.array([[0, 1]], np.int32), (B, 1))), N)
+    model = Frozen(LM, VISION, N)
+    with pytest.raises(ValueError, match="must be \\[B=8, K, H, W, 3\\]"):
+        model.init(jax.random.key(0), dict(batch, image_mask=np.ones((B, 2), bool)))
+
+
+def test_train_blind_ignores_images_and_frozen_does_not(lm_params):
+    losses = {}
+    for variant in ("train_blind", "frozen"):
+        model = Frozen(LM, VISION, N, variant=variant)
+        vision = nn.unbox(model.init(jax.random.key(0), make_batch())["params"]["vision"])
+        params = {"vision": vision, "lm": lm_params}
+        losses[variant] = [float(model.apply({"params": params}, make_batch(seed=0) | {"images": make_batch(seed=s)["images"]},
+                                             method=Frozen.loss)[0]) for s in (1, 2)]
+    assert losses["train_blind"][0] == losses["train_blind"][1]
+    assert losses["frozen"][0] != losses["frozen"][1]
+
+
+def test_max_targets_gathers_the_same_loss(lm_params):
+    model = Frozen(LM, VISION, N)
+    batch = make_batch()
+    params = {"vision": nn.unbox(model.init(jax.random.key(0), batch)["params"]["vision"]), "lm": lm_params}
+    full, _ = model.apply({"params": params}, batch, method=Frozen.loss)
+    gathered, metrics = model.apply({"params": params}, batch, max_targets=T - N, method=Frozen.loss)
+    np.testing.assert_allclose(gathered, full, rtol=1e-6)
+    assert float(metrics["targets_dropped"]) == 0
+    _, short = model.apply({"params": params}, batch, max_targets=3, method=Frozen.loss)
+    assert float(short["targets_dropped"]) == B * (T - N - 3)
+
+
+def test_nf_resnet_keeps_signal_variance_across_depth():
+    cfg = vision_config("nf_resnet50", skip_gain_init=1.0, widths=(64, 128, 256, 512), stem_width=16)
+    images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    variables = jax.jit(NFResNet(cfg).init)(jax.random.key(1), images)
+    _, inter = jax.jit(lambda v, x: NFResNet(cfg).apply(v, x, capture_intermediates=True))(variables, images)
+    variances = [float(jnp.var(v[0])) for k, v in traverse_util.flatten_dict(inter["intermediates"]).items()
+                 if len(k) == 2 and "block" in k[0]]
+    assert len(variances) == 16
+    assert max(variances) / min(variances) < 4, variances
