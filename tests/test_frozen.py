@@ -209,3 +209,21 @@ def test_nf_resnet_keeps_signal_variance_across_depth():
                  if len(k) == 2 and "block" in k[0]]
     assert len(variances) == 16
     assert max(variances) / min(variances) < 4, variances
+
+
+def test_grad_accumulation_equals_the_whole_batch(lm_params):
+    batch = make_batch(seed=3)
+    # Rows with different numbers of targets, so microbatches hold different token counts.
+    lengths = np.array([1, 8, 2, 7, 3, 3, 8, 1])
+    batch["loss_mask"] = (np.arange(T)[None] >= N) & (np.arange(T)[None] < N + lengths[:, None])
+    results = []
+    for steps in (1, 4):
+        trainer = trainer_for(make_mesh({"data": 2}, devices=jax.devices()[:2]), grad_accum_steps=steps)
+        state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+        state, metrics = trainer.step(state, frozen, trainer.shard_batch(batch))
+        results.append((float(metrics["loss"]), float(metrics["num_targets"]), jax.tree.map(np.asarray, state.params)))
+    (loss_1, count_1, params_1), (loss_4, count_4, params_4) = results
+    assert count_1 == count_4 == lengths.sum()
+    np.testing.assert_allclose(loss_4, loss_1, rtol=1e-5)
+    for path, value in flat(params_1).items():
+        np.testing.assert_allclose(flat(params_4)[path], value, atol=1e-6, err_msg=path)

@@ -120,6 +120,7 @@ class Frozen(nn.Module):
         nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
         weight = weight.astype(jnp.float32)
         count = weight.sum()
-        loss = (nll * weight).sum() / jnp.maximum(count, 1.0)
-        return loss, {"loss": loss, "num_targets": count,
+        nll_sum = (nll * weight).sum()
+        loss = nll_sum / jnp.maximum(count, 1.0)
+        return loss, {"loss": loss, "nll_sum": nll_sum, "num_targets": count,
                       "targets_dropped": predict.sum().astype(jnp.float32) - count}

@@ -82,11 +82,15 @@ class Trainer:
 
 
 def make_trainer(model: Frozen, mesh: Mesh, *, label_rules, optimizer_kwargs: dict, image_shape,
-                 rules=DEFAULT_RULES, max_targets: int | None = None, return_frozen_grads: bool = False) -> Trainer:
+                 rules=DEFAULT_RULES, max_targets: int | None = None, grad_accum_steps: int = 1,
+                 return_frozen_grads: bool = False) -> Trainer:
     """Build the jitted step for `model` on `mesh`.
 
+    grad_accum_steps: split each batch into this many microbatches, run them one after another and
+        apply one update: the same update as the whole batch (the loss is normalised by the batch's total
+        number of target tokens), for a global batch that does not fit at once.
     return_frozen_grads: also differentiate w.r.t. the frozen leaves and return those gradients in the
-    metrics (only to measure what freezing by argument saves).
+        metrics (only to measure what freezing by argument saves).
     """
     abstract = abstract_model_params(model, image_shape)
     labels = param_labels(nn.unbox(abstract), label_rules)
@@ -96,14 +100,34 @@ def make_trainer(model: Frozen, mesh: Mesh, *, label_rules, optimizer_kwargs: di
     opt_shardings = logical_shardings(jax.eval_shape(optimizer.init, abstract), mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     state_shardings = TrainState(step=replicated, params=trainable_shardings, opt_state=opt_shardings)
+    argnums = (0, 1) if return_frozen_grads else 0
 
-    def loss_fn(trainable, frozen, batch):
-        return model.apply({"params": merge_params(trainable, frozen)}, batch, max_targets=max_targets,
-                           method=Frozen.loss)
+    def nll_sum(trainable, frozen, batch):
+        _, metrics = model.apply({"params": merge_params(trainable, frozen)}, batch, max_targets=max_targets,
+                                 method=Frozen.loss)
+        return metrics["nll_sum"], metrics
+
+    def summed_grads(params, frozen, batch):
+        """Gradients of the summed NLL and the summed metrics, over `grad_accum_steps` microbatches."""
+        grad_fn = jax.grad(nll_sum, argnums=argnums, has_aux=True)
+        if grad_accum_steps == 1:
+            return grad_fn(params, frozen, batch)
+        # (B, ...) -> (A, B/A, ...) with rows i*A + a in microbatch a: a local reshape, no communication.
+        micro = jax.tree.map(lambda x: jnp.moveaxis(x.reshape((-1, grad_accum_steps) + x.shape[1:]), 1, 0), batch)
+
+        def accumulate(carry, microbatch):
+            grads, metrics = grad_fn(params, frozen, microbatch)
+            return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, frozen,
+                                                             jax.tree.map(lambda x: x[0], micro)))
+        return jax.lax.scan(accumulate, zeros, micro)[0]
 
     def train_step(state: TrainState, frozen, batch):
-        argnums = (0, 1) if return_frozen_grads else 0
-        (_, metrics), grads = jax.value_and_grad(loss_fn, argnums=argnums, has_aux=True)(state.params, frozen, batch)
+        grads, metrics = summed_grads(state.params, frozen, batch)
+        count = jnp.maximum(metrics["num_targets"], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        metrics = dict(metrics, loss=metrics["nll_sum"] / count)
         if return_frozen_grads:
             grads, frozen_grads = grads
             metrics = dict(metrics, frozen_grads=frozen_grads)
