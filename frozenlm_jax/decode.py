@@ -35,10 +35,11 @@ def _greedy_fn(config: LMConfig, max_new_tokens: int):
     model = DecoderLM(config)
 
     @jax.jit
-    def run(params, ids, mask, eos_id, pad_id):
-        batch, length = ids.shape
+    def run(params, embeds, mask, eos_id, pad_id):
+        batch, length = mask.shape
         cache = init_cache(config, batch, length + max_new_tokens)
-        hidden, cache = model.apply({"params": params}, ids, attention_mask=mask, cache=cache, return_hidden=True)
+        hidden, cache = model.apply({"params": params}, inputs_embeds=embeds, attention_mask=mask, cache=cache,
+                                    return_hidden=True)
         first = jnp.argmax(model.apply({"params": params}, hidden[:, -1], method=DecoderLM.logits), -1)
         out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
@@ -59,13 +60,20 @@ def _greedy_fn(config: LMConfig, max_new_tokens: int):
     return run
 
 
+def greedy_from_embeddings(config: LMConfig, params, embeds, mask, max_new_tokens: int, eos_id: int | None,
+                           pad_id: int = 0) -> list[list[int]]:
+    """Greedy continuations of left-padded prompt embeddings [B, T, D] (mask [B, T]), each cut before EOS.
+
+    This is how a Frozen prompt (visual prefixes among token embeddings) is continued.
+    """
+    eos = -1 if eos_id is None else eos_id
+    out = np.asarray(_greedy_fn(config, max_new_tokens)(params, embeds, jnp.asarray(mask), eos, pad_id))
+    return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
+
+
 def greedy_generate(model: DecoderLM, params, prompts: list[list[int]], max_new_tokens: int,
                     eos_id: int | None, pad_id: int = 0) -> list[list[int]]:
     """Greedy continuations of token-id prompts, each cut before its first EOS."""
     ids, mask = left_pad(prompts, pad_id)
-    eos = -1 if eos_id is None else eos_id
-    out = np.asarray(_greedy_fn(model.config, max_new_tokens)(params, ids, mask, eos, pad_id))
-    results = []
-    for row in out.tolist():
-        results.append(row[: row.index(eos)] if eos in row else row)
-    return results
+    embeds = model.apply({"params": params}, ids, method=DecoderLM.embed)
+    return greedy_from_embeddings(model.config, params, embeds, mask, max_new_tokens, eos_id, pad_id)
