@@ -55,6 +55,8 @@ class FrozenShapes(tfds.core.GeneratorBasedBuilder):
         FrozenShapesConfig(name="64_large", description="64x64 pixels, 240k train examples.", num_train=240_000),
         FrozenShapesConfig(name="128", description="128x128 pixels, 24k train examples.", image_size=128),
         FrozenShapesConfig(name="224", description="224x224 pixels, 24k train examples.", image_size=224),
+        FrozenShapesConfig(name="tiny", description="16x16 pixels, 512 train examples: for tests (configs/tiny.py).",
+                           image_size=16, num_train=512, num_validation=64, num_test=64),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "64"
     # tfds finds a builder's source through the `importlib_resources` backport, which it does not install on

@@ -70,6 +70,7 @@ class LMConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"
+    init_std: float = 0.02  # of random initialisation (pretrained weights replace it)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -172,7 +173,7 @@ class Attention(nn.Module):
         bias = cfg.attention_bias or cfg.family == "gpt2"
         dense = lambda feats, axes, bias_axes, name: nn.DenseGeneral(  # noqa: E731
             feats, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-            kernel_init=_init(0.02, axes), bias_init=_zeros(bias_axes))
+            kernel_init=_init(cfg.init_std, axes), bias_init=_zeros(bias_axes))
         q = dense((h, hd), ("embed", "heads", "head_dim"), ("heads", "head_dim"), "q_proj")(x)
         k = dense((kvh, hd), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), "k_proj")(x)
         v = dense((kvh, hd), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), "v_proj")(x)
@@ -193,7 +194,7 @@ class Attention(nn.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
         out = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=_init(0.02, ("heads", "head_dim", "embed")), bias_init=_zeros(("embed",)),
+            kernel_init=_init(cfg.init_std, ("heads", "head_dim", "embed")), bias_init=_zeros(("embed",)),
             name="o_proj")(out)
         return out, new_cache
 
@@ -209,7 +210,7 @@ class MLP(nn.Module):
         bias = cfg.mlp_bias or cfg.family == "gpt2"
         dense = lambda feats, axes, name: nn.Dense(  # noqa: E731
             feats, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-            kernel_init=_init(0.02, axes), bias_init=_zeros(axes[-1:]))
+            kernel_init=_init(cfg.init_std, axes), bias_init=_zeros(axes[-1:]))
         act = ACTIVATIONS[cfg.activation]
         if cfg.family == "gpt2":
             return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(
@@ -260,7 +261,7 @@ class DecoderLM(nn.Module):
         cfg = self.config
         self.embed_tokens = nn.Embed(
             cfg.padded_vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            embedding_init=_init(0.02, ("vocab", "embed")), name="embed")
+            embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed")
         if cfg.family == "gpt2":
             self.pos_embed = nn.Embed(
                 cfg.max_position_embeddings, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -279,7 +280,7 @@ class DecoderLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(
                 cfg.padded_vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                kernel_init=_init(0.02, ("embed", "vocab")), name="lm_head")
+                kernel_init=_init(cfg.init_std, ("embed", "vocab")), name="lm_head")
 
     def embed(self, input_ids):
         """Token embeddings [B, T, D] (where a visual prefix would be written)."""

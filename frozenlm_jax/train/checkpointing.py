@@ -1,0 +1,110 @@
+"""Orbax checkpoints of a run: the trainable state (params, optimizer state, step), the RNG and the input
+pipeline's state; the N latest plus the best by validation loss. Frozen params are not copied into every
+checkpoint: their source and fingerprint are recorded and verified on restore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint does not fit this run (another LM, other shapes)."""
+
+
+def fingerprint(frozen_params, source: str) -> str:
+    """A short hash of the frozen params' source, shapes and a few of their values."""
+    digest = hashlib.sha256(source.encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(frozen_params)[0]:
+        digest.update(jax.tree_util.keystr(path).encode() + str(leaf.shape).encode())
+        sample = np.asarray(jax.device_get(leaf.reshape(-1)[:16]), np.float32)
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints under `directory`."""
+
+    def __init__(self, directory: str | Path, keep: int, frozen_source: str, frozen_fingerprint: str):
+        self.frozen = {"source": frozen_source, "fingerprint": frozen_fingerprint}
+        policy = policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                           keep_checkpoints_without_metrics=False),
+        ])
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, rng, data_state: dict, val_loss: float | None = None) -> None:
+        meta = {"step": int(step), "data_state": data_state, "frozen": self.frozen}
+        tree = {"state": state, "rng": jax.random.key_data(rng)}
+        self.manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+            metrics=None if val_loss is None else {"val_loss": float(val_loss)})
+
+    def restore(self, state_like, rng_like, shardings, step: int | None = None):
+        """(state, rng, data_state) of `step` (default: latest), placed on `shardings`.
+
+        Raises CheckpointMismatch naming the parameter whose shape differs, or the LM that differs.
+        """
+        step = self.manager.latest_step() if step is None else step
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta["frozen"] != self.frozen:
+            raise CheckpointMismatch(
+                f"checkpoint step {step} in {self.manager.directory} was trained with the frozen LM "
+                f"{meta['frozen']}, but this run has {self.frozen}; use the same LM or a new workdir")
+        saved = self.manager.item_metadata(step)["state"]
+        target = {"state": state_like, "rng": jax.random.key_data(rng_like)}
+        _check_shapes(saved, target, step)
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
+            {"state": shardings, "rng": jax.sharding.NamedSharding(shardings.step.mesh, jax.sharding.PartitionSpec())})
+        tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        return tree["state"], jax.random.wrap_key_data(tree["rng"]), meta["data_state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _path_names(path) -> str:
+    """'state/params/vision/...': a tree path independent of container types (dict, dataclass, tuple)."""
+    names = []
+    for key in path:
+        names.append(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))))
+    return "/".join(names)
+
+
+def _check_shapes(saved, target, step):
+    saved_flat = {_path_names(p): tuple(getattr(x, "shape", ()))
+                  for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        name = _path_names(path)
+        if name not in saved_flat:
+            raise CheckpointMismatch(f"checkpoint step {step} has no {name}; it was saved by another model")
+        if saved_flat[name] != tuple(leaf.shape):
+            raise CheckpointMismatch(
+                f"parameter {name} has shape {saved_flat[name]} in checkpoint step {step} but {tuple(leaf.shape)} "
+                "in this run: the model changed; use a new workdir")
+
+
+def write_json(path: Path, payload) -> None:
+    """Write JSON atomically (process 0's logs and configs)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    tmp.replace(path)

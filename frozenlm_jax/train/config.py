@@ -1,0 +1,84 @@
+"""Every key a training config may have, with its default. Config files start from `default_config()`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from frozenlm_jax.parallel import DEFAULT_RULES
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The full key set (locked: setting an unknown key raises) with defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.lm = ml_collections.ConfigDict()
+    c.lm.source = "smollm2-135m"  # named LM, .gguf, HF directory or Hub id; "random" builds `lm.random`
+    c.lm.dtype = "float32"  # storage and compute dtype of the LM ("bfloat16" halves a frozen LM's memory)
+    c.lm.scan_layers = False
+    c.lm.remat = "none"  # none | full | save_dots: activation checkpointing of LM blocks
+    c.lm.tokenizer = "bytes"  # for source="random": "bytes" or an LM source whose tokenizer to use
+    c.lm.random = ml_collections.ConfigDict(dict(
+        family="llama", vocab_size=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+        intermediate_size=64, init_std=0.02))  # vocab_size 0: the tokenizer's
+
+    c.vision = ml_collections.ConfigDict()
+    c.vision.encoder = "nf_resnet_small"
+    c.vision.image_size = 64
+
+    c.model = ml_collections.ConfigDict()
+    c.model.num_prefix_tokens = 2
+    c.model.variant = "frozen"  # frozen | finetuned | scratch | train_blind
+    c.model.label_rules = ()  # ((regex, label), ...); empty: the variant's default
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "frozen_shapes"
+    c.data.builder_config = ""  # e.g. "64_large"; empty: the builder's default
+    c.data.data_dir = ""  # empty: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.image_key = "image"
+    c.data.caption_key = "captions"
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.max_len = 20  # tokens per example, prefix slots included
+    c.data.augment = False
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3, lm_learning_rate=1e-5, warmup_steps=50, schedule_kind="cosine", weight_decay=0.0,
+        grad_clip_norm=1.0, b1=0.9, b2=0.999))
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32  # global
+    c.train.num_steps = 600
+    c.train.grad_accum_steps = 1
+    c.train.log_every = 10
+    c.train.eval_every = 100
+    c.train.eval_batches = 4
+    c.train.num_samples = 4  # greedy sample captions logged at each eval
+    c.train.checkpoint_every = 100
+    c.train.keep_checkpoints = 2  # the latest N, plus the best by validation loss
+    c.train.init_checkpoint = ""  # a checkpoint dir to start from when this workdir has none
+    c.train.profile_steps = (0, 0)  # [start, stop): jax.profiler trace into WORKDIR/profile
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.axis_rules = tuple(DEFAULT_RULES)
+    c.lock()
+    return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise naming every key of `config` that `default_config()` does not have."""
+    unknown = _unknown_keys(config, default_config(), "")
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)}; the known keys are those of "
+                         "frozenlm_jax.train.config.default_config()")
+
+
+def _unknown_keys(config, reference, prefix):
+    unknown = []
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if key not in reference:
+            unknown.append(path)
+        elif isinstance(reference[key], ml_collections.ConfigDict) and isinstance(config[key], ml_collections.ConfigDict):
+            unknown += _unknown_keys(config[key], reference[key], path + ".")
+    return unknown

@@ -1,0 +1,235 @@
+"""`train_and_evaluate(config, workdir)`: the training loop behind `python -m frozenlm_jax.train`.
+
+Resumes automatically from the workdir's latest checkpoint (then `train.init_checkpoint`, then scratch);
+logs to a progress bar, `metrics.jsonl` and TensorBoard; evaluates validation loss and greedy sample
+captions; saves on SIGTERM; stops with a clear message on a NaN loss, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from frozenlm_jax.checkpoints import load_lm
+from frozenlm_jax.decode import greedy_from_embeddings
+from frozenlm_jax.models.frozen import Frozen, check_batch
+from frozenlm_jax.models.lm import LMConfig
+from frozenlm_jax.models.vision import vision_config
+from frozenlm_jax.parallel import make_mesh
+from frozenlm_jax.train.checkpointing import Checkpointer, fingerprint, write_json
+from frozenlm_jax.train.config import validate_config
+from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
+from frozenlm_jax.train.step import init_params, make_trainer, merge_params
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def maybe_initialize_distributed() -> None:
+    """`jax.distributed.initialize()` when FROZENLM_DISTRIBUTED=1 (set by launch_tpu.sh), once."""
+    if os.environ.get("FROZENLM_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def build_lm(config: ml_collections.ConfigDict, mesh, rules):
+    """(LMConfig, LM params or None for a random LM, tokenizer, source string) from `config.lm`."""
+    c = config.lm
+    overrides = dict(scan_layers=c.scan_layers, remat=c.remat)
+    if c.source != "random":
+        lm = load_lm(c.source, dtype=c.dtype, mesh=mesh, rules=rules, **overrides)
+        if lm.tokenizer is None:
+            raise ValueError(f"lm.source={c.source!r} has no tokenizer; captions cannot be tokenised")
+        params = None if config.model.variant == "scratch" else lm.params
+        return lm.config, params, lm.tokenizer, c.source
+    if c.tokenizer == "bytes":
+        from frozenlm_jax.data.testing import byte_tokenizer
+
+        tokenizer = byte_tokenizer()
+    else:
+        tokenizer = load_lm(c.tokenizer).tokenizer
+    fields = dict(c.random.to_dict())
+    fields["vocab_size"] = fields["vocab_size"] or tokenizer.vocab_size
+    lm_config = LMConfig(**fields, dtype=c.dtype, param_dtype=c.dtype, **overrides)
+    return lm_config, None, tokenizer, f"random(seed={config.seed})"
+
+
+@dataclasses.dataclass
+class Logger:
+    """Metrics to metrics.jsonl and TensorBoard, from process 0 only."""
+
+    workdir: Path
+
+    def __post_init__(self):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            from flax.metrics import tensorboard
+
+            self.tensorboard = tensorboard.SummaryWriter(str(self.workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.workdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.tensorboard.scalar(key, value, step)
+        self.tensorboard.flush()
+
+
+def _pipelines(config, tokenizer, data_state):
+    import frozenlm_jax.data.shapes  # noqa: F401 - registers frozen_shapes
+    from frozenlm_jax.data.pipeline import CaptionPipeline, CaptionSource, PipelineConfig
+
+    name = config.data.dataset + (f"/{config.data.builder_config}" if config.data.builder_config else "")
+    source = lambda split: CaptionSource(  # noqa: E731
+        name, split, config.data.data_dir or None, config.data.image_key, config.data.caption_key)
+    common = dict(image_size=config.vision.image_size, max_len=config.data.max_len,
+                  num_prefix=config.model.num_prefix_tokens, batch_size=config.train.batch_size,
+                  seed=config.seed, augment=config.data.augment)
+    train = CaptionPipeline(source(config.data.train_split), PipelineConfig(**common), tokenizer, state=data_state)
+    eval_config = PipelineConfig(**{**common, "augment": False, "shuffle": False})
+    evaluation = CaptionPipeline(source(config.data.eval_split), eval_config, tokenizer)
+    return train, evaluation
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Train `config` in `workdir` (resuming if it holds checkpoints); return the last logged metrics."""
+    validate_config(config)
+    maybe_initialize_distributed()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        write_json(workdir / "config.json", config.to_dict())
+    rules = tuple(tuple(rule) for rule in config.axis_rules)
+    mesh = make_mesh(config.mesh.to_dict())
+    lm_config, lm_params, tokenizer, lm_source = build_lm(config, mesh, rules)
+    n = config.model.num_prefix_tokens
+    model = Frozen(lm_config, vision_config(config.vision.encoder), n, variant=config.model.variant)
+    image_shape = (config.vision.image_size, config.vision.image_size, 3)
+    label_rules = tuple(tuple(r) for r in config.model.label_rules) or VARIANT_LABEL_RULES[config.model.variant]
+    trainer = make_trainer(model, mesh, label_rules=label_rules, image_shape=image_shape, rules=rules,
+                           optimizer_kwargs=dict(config.optimizer.to_dict(), total_steps=config.train.num_steps),
+                           max_targets=config.data.max_len - n, grad_accum_steps=config.train.grad_accum_steps)
+    rng = jax.random.key(config.seed)
+    init_rng, rng = jax.random.split(rng)
+    state, frozen = init_params(trainer, init_rng, lm_params, image_shape)
+    del lm_params
+    checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, lm_source,
+                                fingerprint(frozen, lm_source))
+    data_state = None
+    if checkpointer.latest_step() is not None:
+        state, rng, data_state = checkpointer.restore(state, rng, trainer.state_shardings)
+    elif config.train.init_checkpoint:
+        initial = Checkpointer(config.train.init_checkpoint, 1, lm_source, checkpointer.frozen["fingerprint"])
+        state, _, _ = initial.restore(state, rng, trainer.state_shardings)
+        state = state.replace(step=jnp.zeros_like(state.step))
+    train_data, eval_data = _pipelines(config, tokenizer, data_state)
+
+    step = int(state.step)
+    logger = Logger(workdir)
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    eval_loss = _make_eval(model, trainer)
+    last_metrics: dict = {}
+    start_step, tic = step, time.perf_counter()
+    profile_start, profile_stop = config.train.profile_steps
+    progress = tqdm(total=config.train.num_steps, initial=step, desc="train", unit="step", disable=jax.process_index() != 0)
+    try:
+        while step < config.train.num_steps:
+            if step == profile_start and profile_stop > profile_start:
+                jax.profiler.start_trace(str(workdir / "profile"))
+            host_batch = next(train_data)
+            if step == start_step:
+                check_batch(host_batch, n)
+            batch = _global_batch(host_batch, mesh)
+            state, metrics = trainer.step(state, frozen, batch)
+            step += 1
+            if step == profile_stop and profile_stop > profile_start:
+                jax.profiler.stop_trace()
+            log_now = step % config.train.log_every == 0 or step == config.train.num_steps
+            if log_now or stop["signal"] is not None:
+                metrics = jax.device_get(metrics)
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    checkpointer.wait()
+                    raise FloatingPointError(
+                        f"the training loss became {loss} at step {step}; the last good checkpoint is step "
+                        f"{checkpointer.latest_step()} in {workdir / 'checkpoints'}. Lower optimizer.learning_rate "
+                        "or raise optimizer.warmup_steps, then rerun: the run resumes from that checkpoint")
+                elapsed = time.perf_counter() - tic
+                last_metrics = {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                                "targets": float(metrics["num_targets"]),
+                                "examples_per_s": (step - start_step) * config.train.batch_size / elapsed,
+                                **train_data.metrics()}
+                logger.write(step, last_metrics)
+                progress.set_postfix(loss=f"{loss:.3f}", ex_s=f"{last_metrics['examples_per_s']:.1f}")
+            progress.update(1)
+            val_loss = None
+            if step % config.train.eval_every == 0 or step == config.train.num_steps:
+                val_loss = eval_loss(state.params, frozen, eval_data, config.train.eval_batches)
+                samples = _sample_captions(model, merge_params(state.params, frozen), eval_data, tokenizer,
+                                           config.train.num_samples, config.data.max_len - n)
+                last_metrics = dict(last_metrics, val_loss=val_loss)
+                logger.write(step, {"val_loss": val_loss, "samples": samples})
+                progress.write(f"step {step}: val_loss {val_loss:.4f}; samples: {samples}")
+            if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stop["signal"]:
+                checkpointer.save(step, state, rng, train_data.get_state(), val_loss)
+            if stop["signal"] is not None:
+                progress.write(f"received signal {stop['signal']}: saved step {step} and stopping")
+                break
+    finally:
+        progress.close()
+        checkpointer.wait()
+        checkpointer.close()
+        train_data.close()
+        eval_data.close()
+        signal.signal(signal.SIGTERM, previous)
+    return last_metrics
+
+
+def _global_batch(host_batch, mesh):
+    from frozenlm_jax.data.pipeline import make_global_batch
+
+    return make_global_batch(host_batch, mesh, data_axis=BATCH_AXES)
+
+
+def _make_eval(model, trainer):
+    @jax.jit
+    def nll(params, frozen, batch):
+        _, metrics = model.apply({"params": merge_params(params, frozen)}, batch, method=Frozen.loss)
+        return metrics["nll_sum"], metrics["num_targets"]
+
+    def evaluate(params, frozen, pipeline, num_batches):
+        pipeline.set_state(dict(pipeline.get_state(), position=0, batches=0))  # the same batches every eval
+        total, count = 0.0, 0.0
+        for _ in range(num_batches):
+            batch_nll, batch_count = nll(params, frozen, _global_batch(next(pipeline), trainer.mesh))
+            total, count = total + float(batch_nll), count + float(batch_count)
+        return total / max(count, 1.0)
+
+    return evaluate
+
+
+def _sample_captions(model, params, pipeline, tokenizer, count, max_new_tokens):
+    """Greedy captions of the first `count` validation images (prompt: the image prefix alone)."""
+    pipeline.set_state(dict(pipeline.get_state(), position=0, batches=0))
+    batch = next(pipeline)
+    n = model.num_prefix_tokens
+    count = min(count, len(batch["images"]))
+    prompt = {"tokens": np.full((count, n), tokenizer.pad_id, np.int32), "images": batch["images"][:count],
+              "image_mask": np.ones((count, 1), bool), "image_positions": np.zeros((count, 1), np.int32)}
+    embeds = jax.jit(lambda p, b: model.apply({"params": p}, b, method=Frozen.embed_inputs))(params, prompt)
+    outputs = greedy_from_embeddings(model.lm_config, params["lm"], embeds, np.ones((count, n), bool),
+                                     max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
+    return [tokenizer.decode(tokens) for tokens in outputs]

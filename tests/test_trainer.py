@@ -1,0 +1,120 @@
+"""The training loop on configs/tiny.py: end to end on the 8-device mesh, exact resume after SIGTERM in a
+subprocess, and the clear errors of mismatched checkpoints and configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from frozenlm_jax.train.checkpointing import CheckpointMismatch
+from frozenlm_jax.train.config import validate_config
+from frozenlm_jax.train.trainer import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+import tiny  # noqa: E402
+
+
+def read_metrics(workdir):
+    lines = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["loss"] for m in lines if "loss" in m}, [m for m in lines if "val_loss" in m]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_config(data_dir, **train):
+    config = tiny.get_config()
+    config.data.data_dir = data_dir
+    for key, value in train.items():
+        config.train[key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    final = train_and_evaluate(tiny_config(data_dir), workdir)
+    return workdir, final
+
+
+def test_end_to_end_writes_metrics_and_checkpoints_and_learns(uninterrupted):
+    workdir, final = uninterrupted
+    losses, evals = read_metrics(workdir)
+    assert sorted(losses) == list(range(1, 13))
+    assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)])
+    assert [e["step"] for e in evals] == [6, 12] and len(evals[-1]["samples"]) == 2
+    assert final["val_loss"] == evals[-1]["val_loss"]
+    assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 12
+    assert {p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()} >= {"8", "12"}
+    assert list((workdir / "tensorboard").iterdir())
+
+
+def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(uninterrupted, data_dir, tmp_path):
+    expected, _ = read_metrics(uninterrupted[0])
+    command = [sys.executable, "-m", "frozenlm_jax.train", f"--config={ROOT / 'configs' / 'tiny.py'}",
+               f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None:
+        metrics = tmp_path / "metrics.jsonl"
+        if metrics.exists() and len(read_metrics(tmp_path)[0]) >= 3:
+            first.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    stopped_at = max(read_metrics(tmp_path)[0])
+    assert 3 <= stopped_at < 12
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed, _ = read_metrics(tmp_path)
+    lines = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert lines == list(range(1, 13)), "the resumed run must run only the remaining steps"
+    np.testing.assert_allclose([resumed[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)], rtol=1e-5)
+
+
+def test_restoring_with_another_lm_or_other_shapes_is_a_clear_error(uninterrupted, data_dir, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(uninterrupted[0], workdir)
+    other_lm = tiny_config(data_dir)
+    other_lm.seed = 1  # another random LM
+    with pytest.raises(CheckpointMismatch, match=r"trained with the frozen LM .*random\(seed=0\).* but this run has"):
+        train_and_evaluate(other_lm, workdir)
+    other_shapes = tiny_config(data_dir)
+    other_shapes.model.num_prefix_tokens = 3
+    with pytest.raises(CheckpointMismatch, match=r"parameter state/params/vision/prefix_proj/\w+ has shape"):
+        train_and_evaluate(other_shapes, workdir)
+
+
+def test_unknown_config_keys_fail_fast(data_dir):
+    config = tiny_config(data_dir)
+    unlocked = ml_collections.ConfigDict(config.to_dict())
+    unlocked.train.num_stepz = 3
+    unlocked.extra = 1
+    with pytest.raises(ValueError, match="unknown config key\\(s\\): extra, train.num_stepz"):
+        validate_config(unlocked)
+    with pytest.raises(AttributeError, match="num_stepz"):
+        config.train.num_stepz = 3
+
+
+def test_nan_loss_stops_with_a_clear_message(data_dir, tmp_path):
+    config = tiny_config(data_dir, num_steps=6, log_every=1, checkpoint_every=2)
+    config.optimizer.learning_rate = 1e12
+    config.optimizer.grad_clip_norm = 0.0
+    config.optimizer.warmup_steps = 0
+    config.optimizer.schedule_kind = "constant"
+    with pytest.raises(FloatingPointError, match="the training loss became nan at step .* last good checkpoint"):
+        train_and_evaluate(config, tmp_path)
