@@ -21,5 +21,6 @@ def get_config(arg=None):
     c.train.eval_every = 6
     c.train.eval_batches = 1
     c.train.num_samples = 2
+    c.train.caption_eval_images = 8
     c.train.checkpoint_every = 4
     return c

@@ -118,3 +118,38 @@ def test_nan_loss_stops_with_a_clear_message(data_dir, tmp_path):
     config.optimizer.schedule_kind = "constant"
     with pytest.raises(FloatingPointError, match="the training loss became nan at step .* last good checkpoint"):
         train_and_evaluate(config, tmp_path)
+
+
+def test_exported_model_reloads_with_the_same_logits(uninterrupted, data_dir, tmp_path):
+    import jax
+
+    from frozenlm_jax import load_frozen
+    from frozenlm_jax.models.frozen import Frozen
+    from frozenlm_jax.train.trainer import export, restore_run
+
+    config = tiny_config(data_dir)
+    out = export(config, uninterrupted[0], tmp_path / "exported")
+    assert (out / "lm.safetensors").exists()  # a random LM cannot be re-loaded from a source: weights go along
+    loaded = load_frozen(out)
+    run = restore_run(config, uninterrupted[0])
+    run.checkpointer.close()
+    batch = {"tokens": np.full((2, 6), 5, np.int32), "images": np.random.default_rng(0).normal(size=(2, 1, 16, 16, 3)).astype(np.float32),
+             "image_mask": np.ones((2, 1), bool), "image_positions": np.zeros((2, 1), np.int32)}
+    params = {"vision": run.state.params["vision"], "lm": run.frozen["lm"]}
+    expected = jax.jit(lambda p, b: run.model.apply({"params": p}, b))(params, batch)
+    got = jax.jit(lambda p, b: loaded.model.apply({"params": p}, b))(loaded.params, batch)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)  # the run's params live on 8 devices
+    assert loaded.tokenizer.encode("a red circle") == run.tokenizer.encode("a red circle")
+    assert loaded.image_size == 16 and isinstance(loaded.model, Frozen)
+
+
+def test_every_config_file_builds_with_known_keys():
+    import importlib.util
+
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config("/some/lm_dir") if path.stem in ("cc3m_paper", "coco_gpt2") else module.get_config()
+        validate_config(config)
+        assert config.train.batch_size % (config.mesh.data if config.mesh.data > 0 else 1) == 0, path.name

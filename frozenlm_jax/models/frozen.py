@@ -24,16 +24,25 @@ class VisionPrefix(nn.Module):
     config: VisionConfig
     num_prefix_tokens: int
     embed_dim: int
+    prefix_init_std: float | None = None  # std of each prefix entry at init (e.g. the LM's embedding std)
 
     @nn.compact
     def __call__(self, images):
         features = NFResNet(self.config, name="encoder")(images)
+        init = nn.initializers.lecun_normal() if self.prefix_init_std is None else \
+            nn.initializers.normal(self.prefix_init_std / features.shape[-1] ** 0.5)
         prefix = nn.Dense(
             self.num_prefix_tokens * self.embed_dim, dtype=self.config.dtype, param_dtype=self.config.param_dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("vision_features", "embed")),
+            kernel_init=nn.with_logical_partitioning(init, ("vision_features", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
             name="prefix_proj")(features)
         return prefix.reshape(images.shape[0], self.num_prefix_tokens, self.embed_dim)
+
+
+def vision_prefix(model: "Frozen") -> VisionPrefix:
+    """A standalone copy of `model`'s `vision` submodule, to initialise only the vision params."""
+    return VisionPrefix(model.vision_config, model.num_prefix_tokens, model.lm_config.hidden_size,
+                        model.prefix_init_std, parent=None)
 
 
 def check_batch(batch, num_prefix_tokens: int) -> None:
@@ -69,11 +78,13 @@ class Frozen(nn.Module):
     vision_config: VisionConfig
     num_prefix_tokens: int = 2
     variant: str = "frozen"
+    prefix_init_std: float | None = None
 
     def setup(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown Frozen variant {self.variant!r}; supported: {', '.join(VARIANTS)}")
-        self.vision = VisionPrefix(self.vision_config, self.num_prefix_tokens, self.lm_config.hidden_size)
+        self.vision = VisionPrefix(self.vision_config, self.num_prefix_tokens, self.lm_config.hidden_size,
+                                   self.prefix_init_std)
         self.lm = DecoderLM(self.lm_config)
 
     def embed_inputs(self, batch):

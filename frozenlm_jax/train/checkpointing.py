@@ -47,15 +47,16 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, rng, data_state: dict, val_loss: float | None = None) -> None:
-        meta = {"step": int(step), "data_state": data_state, "frozen": self.frozen}
+    def save(self, step: int, state, rng, data_states: list[dict], val_loss: float | None = None) -> None:
+        """Save (asynchronously); `data_states` holds every process's input-pipeline state, by process index."""
+        meta = {"step": int(step), "data_states": data_states, "frozen": self.frozen}
         tree = {"state": state, "rng": jax.random.key_data(rng)}
         self.manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
             metrics=None if val_loss is None else {"val_loss": float(val_loss)})
 
     def restore(self, state_like, rng_like, shardings, step: int | None = None):
-        """(state, rng, data_state) of `step` (default: latest), placed on `shardings`.
+        """(state, rng, data_states) of `step` (default: latest), placed on `shardings`.
 
         Raises CheckpointMismatch naming the parameter whose shape differs, or the LM that differs.
         """
@@ -72,7 +73,7 @@ class Checkpointer:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
             {"state": shardings, "rng": jax.sharding.NamedSharding(shardings.step.mesh, jax.sharding.PartitionSpec())})
         tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        return tree["state"], jax.random.wrap_key_data(tree["rng"]), meta["data_state"]
+        return tree["state"], jax.random.wrap_key_data(tree["rng"]), meta["data_states"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -25,10 +25,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.vision = ml_collections.ConfigDict()
     c.vision.encoder = "nf_resnet_small"
     c.vision.image_size = 64
+    c.vision.skip_gain_init = 0.0  # NF-ResNet residual-branch gains at init (0: each block starts as identity)
 
     c.model = ml_collections.ConfigDict()
     c.model.num_prefix_tokens = 2
     c.model.variant = "frozen"  # frozen | finetuned | scratch | train_blind
+    c.model.prefix_init_std = 0.0  # 0: lecun-normal projection; else each prefix entry's std at init
     c.model.label_rules = ()  # ((regex, label), ...); empty: the variant's default
 
     c.data = ml_collections.ConfigDict()
@@ -54,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 100
     c.train.eval_batches = 4
     c.train.num_samples = 4  # greedy sample captions logged at each eval
+    c.train.caption_eval_images = 64  # frozen_shapes only: held-out images whose captions' words are scored
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 2  # the latest N, plus the best by validation loss
     c.train.init_checkpoint = ""  # a checkpoint dir to start from when this workdir has none

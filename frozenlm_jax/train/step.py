@@ -21,7 +21,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from frozenlm_jax.checkpoints.params import abstract_params
-from frozenlm_jax.models.frozen import Frozen, VisionPrefix
+from frozenlm_jax.models.frozen import Frozen, vision_prefix
 from frozenlm_jax.models.lm import DecoderLM
 from frozenlm_jax.parallel import DEFAULT_RULES, batch_sharding, logical_shardings
 from frozenlm_jax.train.optimizer import make_optimizer, param_labels
@@ -57,7 +57,7 @@ def merge_params(*trees):
 
 def abstract_model_params(model: Frozen, image_shape: tuple[int, int, int]):
     """Boxed ShapeDtypeStructs of the full `{vision, lm}` tree, carrying logical axis names."""
-    vision = VisionPrefix(model.vision_config, model.num_prefix_tokens, model.lm_config.hidden_size)
+    vision = vision_prefix(model)
     images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     return {"vision": jax.eval_shape(vision.init, jax.random.key(0), images)["params"],
             "lm": abstract_params(model.lm_config)}
@@ -152,7 +152,7 @@ def init_params(trainer: Trainer, rng, lm_params=None, image_shape=None):
     loaded onto the same mesh) or, if None (the `scratch` variant), randomly initialised.
     """
     model = trainer.model
-    vision = VisionPrefix(model.vision_config, model.num_prefix_tokens, model.lm_config.hidden_size)
+    vision = vision_prefix(model)
     shardings = merge_params(trainer.state_shardings.params, trainer.frozen_shardings)
     images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     vision_rng, lm_rng = jax.random.split(rng)

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from frozenlm_jax.checkpoints import load_lm
-from frozenlm_jax.decode import greedy_from_embeddings
+from frozenlm_jax.eval import shapes_captions
 from frozenlm_jax.models.frozen import Frozen, check_batch
 from frozenlm_jax.models.lm import LMConfig
 from frozenlm_jax.models.vision import vision_config
@@ -103,19 +104,35 @@ def _pipelines(config, tokenizer, data_state):
     return train, evaluation
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Train `config` in `workdir` (resuming if it holds checkpoints); return the last logged metrics."""
+@dataclasses.dataclass
+class Run:
+    """A run's model, compiled step and state: restored from the workdir's latest checkpoint if any."""
+
+    model: Frozen
+    trainer: Any
+    state: Any
+    frozen: Any
+    rng: jax.Array
+    tokenizer: Any
+    lm_source: str
+    checkpointer: Checkpointer
+    data_state: dict | None
+
+
+def restore_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
+    """Build the model and step of `config`; resume from `workdir`'s latest checkpoint, else
+    `train.init_checkpoint`, else a fresh initialisation."""
     validate_config(config)
     maybe_initialize_distributed()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        write_json(workdir / "config.json", config.to_dict())
     rules = tuple(tuple(rule) for rule in config.axis_rules)
     mesh = make_mesh(config.mesh.to_dict())
     lm_config, lm_params, tokenizer, lm_source = build_lm(config, mesh, rules)
     n = config.model.num_prefix_tokens
-    model = Frozen(lm_config, vision_config(config.vision.encoder), n, variant=config.model.variant)
+    vision = vision_config(config.vision.encoder, skip_gain_init=config.vision.skip_gain_init)
+    model = Frozen(lm_config, vision, n, variant=config.model.variant,
+                   prefix_init_std=config.model.prefix_init_std or None)
     image_shape = (config.vision.image_size, config.vision.image_size, 3)
     label_rules = tuple(tuple(r) for r in config.model.label_rules) or VARIANT_LABEL_RULES[config.model.variant]
     trainer = make_trainer(model, mesh, label_rules=label_rules, image_shape=image_shape, rules=rules,
@@ -129,11 +146,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                 fingerprint(frozen, lm_source))
     data_state = None
     if checkpointer.latest_step() is not None:
-        state, rng, data_state = checkpointer.restore(state, rng, trainer.state_shardings)
+        state, rng, data_states = checkpointer.restore(state, rng, trainer.state_shardings)
+        data_state = data_states[jax.process_index()]
     elif config.train.init_checkpoint:
         initial = Checkpointer(config.train.init_checkpoint, 1, lm_source, checkpointer.frozen["fingerprint"])
         state, _, _ = initial.restore(state, rng, trainer.state_shardings)
         state = state.replace(step=jnp.zeros_like(state.step))
+    return Run(model, trainer, state, frozen, rng, tokenizer, lm_source, checkpointer, data_state)
+
+
+def export(config: ml_collections.ConfigDict, workdir: str | Path, out: str | Path, lm_weights: bool = False) -> Path:
+    """Write the latest checkpoint of `workdir` as a self-contained model that `load_frozen` opens."""
+    from frozenlm_jax.export import save_exported
+
+    run = restore_run(config, workdir)
+    trained = run.checkpointer.latest_step() is not None
+    run.checkpointer.close()
+    if not trained:
+        raise FileNotFoundError(f"{workdir} has no checkpoint to export; train first")
+    # A trained (finetuned, scratch) or random LM is part of the model; a loadable frozen one is a
+    # reference (source + fingerprint) unless its weights are asked for.
+    include_lm = lm_weights or "lm" in run.state.params or config.lm.source == "random"
+    return save_exported(out, run.model, merge_params(run.state.params, run.frozen), run.tokenizer,
+                         run.lm_source, run.checkpointer.frozen["fingerprint"], config.vision.image_size,
+                         include_lm_weights=include_lm)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Train `config` in `workdir` (resuming if it holds checkpoints); return the last logged metrics."""
+    run = restore_run(config, workdir)
+    workdir = Path(workdir)
+    if jax.process_index() == 0:
+        write_json(workdir / "config.json", config.to_dict())
+    model, trainer, state, frozen, rng = run.model, run.trainer, run.state, run.frozen, run.rng
+    tokenizer, checkpointer, data_state = run.tokenizer, run.checkpointer, run.data_state
+    mesh, n = trainer.mesh, model.num_prefix_tokens
     train_data, eval_data = _pipelines(config, tokenizer, data_state)
 
     step = int(state.step)
@@ -178,13 +225,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             val_loss = None
             if step % config.train.eval_every == 0 or step == config.train.num_steps:
                 val_loss = eval_loss(state.params, frozen, eval_data, config.train.eval_batches)
-                samples = _sample_captions(model, merge_params(state.params, frozen), eval_data, tokenizer,
-                                           config.train.num_samples, config.data.max_len - n)
-                last_metrics = dict(last_metrics, val_loss=val_loss)
-                logger.write(step, {"val_loss": val_loss, "samples": samples})
-                progress.write(f"step {step}: val_loss {val_loss:.4f}; samples: {samples}")
+                evaluation = {"val_loss": val_loss, **_caption_eval(config, model, merge_params(state.params, frozen),
+                                                                     tokenizer, eval_data)}
+                last_metrics = dict(last_metrics, **evaluation)
+                logger.write(step, evaluation)
+                progress.write(f"step {step}: " + ", ".join(
+                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in evaluation.items()))
             if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stop["signal"]:
-                checkpointer.save(step, state, rng, train_data.get_state(), val_loss)
+                checkpointer.save(step, state, rng, _all_data_states(train_data), val_loss)
             if stop["signal"] is not None:
                 progress.write(f"received signal {stop['signal']}: saved step {step} and stopping")
                 break
@@ -196,6 +244,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         eval_data.close()
         signal.signal(signal.SIGTERM, previous)
     return last_metrics
+
+
+def _all_data_states(pipeline) -> list[dict]:
+    """Every process's input-pipeline state (small dicts of ints), gathered so process 0 can save them all."""
+    state = pipeline.get_state()
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils
+
+    keys = sorted(state)
+    gathered = multihost_utils.process_allgather(np.asarray([state[k] for k in keys], np.int64))
+    return [dict(zip(keys, map(int, row))) for row in np.asarray(gathered)]
 
 
 def _global_batch(host_batch, mesh):
@@ -221,15 +281,14 @@ def _make_eval(model, trainer):
     return evaluate
 
 
-def _sample_captions(model, params, pipeline, tokenizer, count, max_new_tokens):
-    """Greedy captions of the first `count` validation images (prompt: the image prefix alone)."""
-    pipeline.set_state(dict(pipeline.get_state(), position=0, batches=0))
-    batch = next(pipeline)
-    n = model.num_prefix_tokens
-    count = min(count, len(batch["images"]))
-    prompt = {"tokens": np.full((count, n), tokenizer.pad_id, np.int32), "images": batch["images"][:count],
-              "image_mask": np.ones((count, 1), bool), "image_positions": np.zeros((count, 1), np.int32)}
-    embeds = jax.jit(lambda p, b: model.apply({"params": p}, b, method=Frozen.embed_inputs))(params, prompt)
-    outputs = greedy_from_embeddings(model.lm_config, params["lm"], embeds, np.ones((count, n), bool),
-                                     max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
-    return [tokenizer.decode(tokens) for tokens in outputs]
+def _caption_eval(config, model, params, tokenizer, eval_data) -> dict:
+    """Greedy sample captions of validation images; on the shapes world, also their word accuracy."""
+    max_new_tokens = config.data.max_len - model.num_prefix_tokens
+    if config.data.dataset == "frozen_shapes" and config.train.caption_eval_images:
+        result = shapes_captions.evaluate(model, params, tokenizer, config.vision.image_size,
+                                          config.train.caption_eval_images, max_new_tokens)
+        return {**{k: v for k, v in result.items() if k != "examples"},
+                "samples": result["examples"][:config.train.num_samples]}
+    eval_data.set_state(dict(eval_data.get_state(), position=0, batches=0))
+    images = next(eval_data)["images"][:config.train.num_samples, 0]
+    return {"samples": shapes_captions.generate_captions(model, params, images, tokenizer, max_new_tokens)}

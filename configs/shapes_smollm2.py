@@ -1,0 +1,26 @@
+"""The embedded default (README's main job): frozen SmolLM2-135M, a small NF-ResNet, n = 2, the shapes world.
+
+    python -m frozenlm_jax.train --config=configs/shapes_smollm2.py --workdir=/tmp/frozen_shapes
+"""
+
+from frozenlm_jax.train.config import default_config
+
+
+def get_config(arg=None):
+    del arg
+    c = default_config()
+    c.lm.source = "smollm2-135m"
+    c.vision.encoder = "nf_resnet_small"
+    c.vision.image_size = 64
+    c.model.num_prefix_tokens = 2
+    c.model.prefix_init_std = 0.14  # SmolLM2's token embeddings have std 0.136 per entry
+    c.data.max_len = 18  # 2 prefix slots + up to 16 caption tokens
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 20
+    c.train.batch_size = 16
+    c.train.num_steps = 300
+    c.train.eval_every = 100
+    c.train.eval_batches = 2
+    c.train.checkpoint_every = 100
+    c.train.log_every = 10
+    return c

@@ -1,0 +1,1 @@
+"""Evaluation: captioning and few-shot evaluators."""
