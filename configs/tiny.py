@@ -13,6 +13,7 @@ def get_config(arg=None):
     c.vision.image_size = 16
     c.data.builder_config = "tiny"
     c.data.max_len = 24
+    c.data.host_order = "interleave"  # the same batches with 1 or 2 processes (tests)
     c.optimizer.learning_rate = 3e-3
     c.optimizer.warmup_steps = 2
     c.train.batch_size = 8

@@ -178,6 +178,24 @@ def test_two_processes_get_disjoint_shards_that_cover_the_split(data_dir, tokeni
         CaptionPipeline(_source(data_dir), CONFIG, tokenizer, process_index=0, process_count=3)
 
 
+def test_interleaved_hosts_rebuild_the_single_process_batches_and_resume(data_dir, tokenizer):
+    import dataclasses
+
+    config = dataclasses.replace(CONFIG, host_order="interleave", augment=True)
+    single = _take(CaptionPipeline(_source(data_dir), config, tokenizer, process_index=0, process_count=1), 7)
+    hosts = [CaptionPipeline(_source(data_dir), config, tokenizer, process_index=i, process_count=2) for i in range(2)]
+    per_host = [_take(p, 4) for p in hosts]
+    # Resume host 1 from its state after 4 batches; it must continue as if never stopped.
+    resumed = CaptionPipeline(_source(data_dir), config, tokenizer, process_index=1, process_count=2,
+                              state=hosts[1].get_state())
+    per_host[0] += _take(hosts[0], 3)
+    per_host[1] += _take(resumed, 3)
+    rebuilt = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*per_host)]
+    _assert_same(rebuilt, single)  # 7 batches of 8 cross the 40-record epoch boundary
+    with pytest.raises(ValueError, match="host_order='interleave' is for training streams"):
+        dataclasses.replace(CONFIG, host_order="interleave", repeat=False)
+
+
 def test_single_pass_ends_with_masked_padding(data_dir, tokenizer):
     config = PipelineConfig(**{**vars(CONFIG), "repeat": False, "shuffle": False})
     pipeline = CaptionPipeline(_source(data_dir, "validation"), config, tokenizer, process_index=0, process_count=1)

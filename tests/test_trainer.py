@@ -153,3 +153,28 @@ def test_every_config_file_builds_with_known_keys():
         config = module.get_config("/some/lm_dir") if path.stem in ("cc3m_paper", "coco_gpt2") else module.get_config()
         validate_config(config)
         assert config.train.batch_size % (config.mesh.data if config.mesh.data > 0 else 1) == 0, path.name
+
+
+def test_two_processes_reach_the_losses_of_one(uninterrupted, data_dir, tmp_path):
+    """jax.distributed on localhost, 4 CPU devices per process, the same global batch: the same losses as
+    one process with 8 devices (configs/tiny.py orders data globally, host_order="interleave")."""
+    import socket
+
+    expected, _ = read_metrics(uninterrupted[0])
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "frozenlm_jax.train", f"--config={ROOT / 'configs' / 'tiny.py'}",
+               f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}"]
+    processes = []
+    for process_id in range(2):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   FROZENLM_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                   FROZENLM_NUM_PROCESSES="2", FROZENLM_PROCESS_ID=str(process_id))
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          text=True))
+    for process in processes:
+        assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
+    got, _ = read_metrics(tmp_path)
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-5)

@@ -70,8 +70,16 @@ class PipelineConfig:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # on [0, 1] pixels; the default maps to [-1, 1]
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     read_chunk: int = 64  # records fetched per read call
+    # "shard": each process reads its `tfds.split_for_jax_process` shard in its own order. "interleave":
+    # every process reads the whole split in one global order and takes its rows of each global batch,
+    # so the global batches do not depend on the number of processes (needs repeat=True).
+    host_order: str = "shard"
 
     def __post_init__(self):
+        if self.host_order not in ("shard", "interleave"):
+            raise ValueError(f"host_order={self.host_order!r}; use 'shard' or 'interleave'")
+        if self.host_order == "interleave" and not self.repeat:
+            raise ValueError("host_order='interleave' is for training streams (repeat=True); evaluate with 'shard'")
         if self.max_len <= self.num_prefix + 1:
             raise ValueError(
                 f"max_len={self.max_len} leaves no room for a caption after {self.num_prefix} prefix slots; "
@@ -320,7 +328,10 @@ class CaptionPipeline:
         self.local_batch_size = config.batch_size // process_count
         self.layout = TextLayout(tokenizer, config.max_len, config.num_prefix)
 
-        self._records = open_host_source(source, process_index, process_count)
+        if config.host_order == "interleave":
+            self._records = open_source(source)
+        else:
+            self._records = open_host_source(source, process_index, process_count)
         self.num_records = len(self._records)
         if self.num_records == 0:
             raise ValueError(
@@ -384,7 +395,7 @@ class CaptionPipeline:
 
     @property
     def epoch(self) -> int:
-        return self._state["position"] // self.num_records
+        return int(self.stream_positions(np.int64(self._state["position"]))) // self.num_records
 
     def metrics(self) -> dict[str, int]:
         return {
@@ -401,14 +412,23 @@ class CaptionPipeline:
             return np.arange(self.num_records)
         return np.random.default_rng([self.config.seed, epoch]).permutation(self.num_records)
 
-    def _read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def stream_positions(self, local: np.ndarray) -> np.ndarray:
+        """Positions in the record stream of this process's local positions (its own stream for "shard";
+        its rows of each global batch of the one global stream for "interleave")."""
+        if self.config.host_order == "shard":
+            return local
+        b = self.local_batch_size
+        return (local // b) * self.config.batch_size + self.process_index * b + local % b
+
+    def _read(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        positions = self.stream_positions(local)
         epochs, offsets = np.divmod(positions, self.num_records)
         records = np.empty(len(positions), np.int64)
         for epoch in np.unique(epochs):
             records[epochs == epoch] = self._order(int(epoch))[offsets[epochs == epoch]]
-        return np.asarray([self._records[r] for r in records.tolist()], object), records
+        return np.asarray([self._records[r] for r in records.tolist()], object), records, positions
 
-    def _example(self, serialized, record, position):
+    def _example(self, serialized, record, position, local):
         decoded = self._features.deserialize_example(serialized, decoders=self._decoders)
         captions = tf.reshape(_get(decoded, self.source.caption_key), [-1])
         captions = tf.boolean_mask(captions, tf.strings.length(tf.strings.strip(captions)) > 0)
@@ -424,6 +444,7 @@ class CaptionPipeline:
             "bad": tf.logical_not(image_ok),
             "_record": record,
             "_position": position,
+            "_local": local,
         }
 
     def _finish(self, ex):
@@ -445,7 +466,7 @@ class CaptionPipeline:
             "image_positions": tf.reshape(position, [1]),
             "loss_mask": loss_mask,
             "_record": ex["_record"],
-            "_position": ex["_position"],
+            "_local": ex["_local"],
             "_empty": ex["_empty"],
             "_bad": ex["_bad"],
         }
@@ -457,10 +478,11 @@ class CaptionPipeline:
         positions = tf.data.Dataset.range(start, stop).batch(c.read_chunk)
 
         def read(chunk):
-            serialized, records = tf.numpy_function(self._read, [chunk], (tf.string, tf.int64))
+            serialized, records, positions = tf.numpy_function(self._read, [chunk], (tf.string, tf.int64, tf.int64))
             serialized.set_shape([None])
             records.set_shape([None])
-            return serialized, records, chunk
+            positions.set_shape([None])
+            return serialized, records, positions, chunk
 
         ds = positions.map(read, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
         ds = ds.map(self._example, num_parallel_calls=tf.data.AUTOTUNE)
@@ -503,7 +525,7 @@ class CaptionPipeline:
             self.last_records = np.zeros(0, np.int64)
             return self._padded({})
         n = len(batch["_record"])
-        self._state["position"] = int(batch["_position"][-1]) + 1
+        self._state["position"] = int(batch["_local"][-1]) + 1
         self._state["examples"] += n
         self._state["skipped_empty_caption"] = self._base["skipped_empty_caption"] + int(batch["_empty"][-1])
         self._state["skipped_bad_image"] = self._base["skipped_bad_image"] + int(batch["_bad"][-1])

@@ -49,8 +49,9 @@ class Checkpointer:
 
     def save(self, step: int, state, rng, data_states: list[dict], val_loss: float | None = None) -> None:
         """Save (asynchronously); `data_states` holds every process's input-pipeline state, by process index."""
-        meta = {"step": int(step), "data_states": data_states, "frozen": self.frozen}
-        tree = {"state": state, "rng": jax.random.key_data(rng)}
+        meta = {"step": int(step), "data_states": data_states, "frozen": self.frozen,
+                "rng": np.asarray(jax.random.key_data(rng)).tolist()}
+        tree = {"state": state}
         self.manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
             metrics=None if val_loss is None else {"val_loss": float(val_loss)})
@@ -67,13 +68,13 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.manager.directory} was trained with the frozen LM "
                 f"{meta['frozen']}, but this run has {self.frozen}; use the same LM or a new workdir")
         saved = self.manager.item_metadata(step)["state"]
-        target = {"state": state_like, "rng": jax.random.key_data(rng_like)}
+        target = {"state": state_like}
         _check_shapes(saved, target, step)
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
-            {"state": shardings, "rng": jax.sharding.NamedSharding(shardings.step.mesh, jax.sharding.PartitionSpec())})
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
+                                {"state": shardings})
         tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        return tree["state"], jax.random.wrap_key_data(tree["rng"]), meta["data_states"]
+        rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32), impl=jax.random.key_impl(rng_like))
+        return tree["state"], rng, meta["data_states"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

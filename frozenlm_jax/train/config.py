@@ -43,6 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "validation"
     c.data.max_len = 20  # tokens per example, prefix slots included
     c.data.augment = False
+    # "shard": each host reads its own shard (tfds.split_for_jax_process); "interleave": one global order,
+    # so the batches do not depend on the number of hosts (every host must be able to read the whole split)
+    c.data.host_order = "shard"
 
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=1e-3, lm_learning_rate=1e-5, warmup_steps=50, schedule_kind="cosine", weight_decay=0.0,

@@ -37,9 +37,20 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def maybe_initialize_distributed() -> None:
-    """`jax.distributed.initialize()` when FROZENLM_DISTRIBUTED=1 (set by launch_tpu.sh), once."""
-    if os.environ.get("FROZENLM_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    """`jax.distributed.initialize()` when FROZENLM_DISTRIBUTED=1 (set by launch_tpu.sh), once.
+
+    On TPU pods and SLURM the cluster is detected; elsewhere set JAX_COORDINATOR_ADDRESS (host:port),
+    FROZENLM_NUM_PROCESSES and FROZENLM_PROCESS_ID. CPU processes exchange data through gloo.
+    """
+    if os.environ.get("FROZENLM_DISTRIBUTED") != "1" or jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    explicit = {}
+    if "FROZENLM_NUM_PROCESSES" in os.environ:
+        explicit = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                        num_processes=int(os.environ["FROZENLM_NUM_PROCESSES"]),
+                        process_id=int(os.environ["FROZENLM_PROCESS_ID"]))
+    jax.distributed.initialize(**explicit)
 
 
 def build_lm(config: ml_collections.ConfigDict, mesh, rules):
@@ -98,7 +109,8 @@ def _pipelines(config, tokenizer, data_state):
     common = dict(image_size=config.vision.image_size, max_len=config.data.max_len,
                   num_prefix=config.model.num_prefix_tokens, batch_size=config.train.batch_size,
                   seed=config.seed, augment=config.data.augment)
-    train = CaptionPipeline(source(config.data.train_split), PipelineConfig(**common), tokenizer, state=data_state)
+    train = CaptionPipeline(source(config.data.train_split), PipelineConfig(**common, host_order=config.data.host_order),
+                            tokenizer, state=data_state)
     eval_config = PipelineConfig(**{**common, "augment": False, "shuffle": False})
     evaluation = CaptionPipeline(source(config.data.eval_split), eval_config, tokenizer)
     return train, evaluation
