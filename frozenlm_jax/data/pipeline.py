@@ -74,8 +74,12 @@ class PipelineConfig:
     # every process reads the whole split in one global order and takes its rows of each global batch,
     # so the global batches do not depend on the number of processes (needs repeat=True).
     host_order: str = "shard"
+    # "random": a seeded random caption of the example's captions per epoch; "first": always the first
+    caption_choice: str = "random"
 
     def __post_init__(self):
+        if self.caption_choice not in ("random", "first"):
+            raise ValueError(f"caption_choice={self.caption_choice!r}; use 'random' or 'first'")
         if self.host_order not in ("shard", "interleave"):
             raise ValueError(f"host_order={self.host_order!r}; use 'shard' or 'interleave'")
         if self.host_order == "interleave" and not self.repeat:
@@ -435,6 +439,8 @@ class CaptionPipeline:
         count = tf.shape(captions)[0]
         seed = tf.stack([tf.constant(self.config.seed, tf.int64), position])
         pick = tf.random.stateless_uniform([], seed, 0, tf.maximum(count, 1), dtype=tf.int32)
+        if self.config.caption_choice == "first":
+            pick = tf.constant(0, tf.int32)
         caption = tf.cond(count > 0, lambda: captions[pick], lambda: tf.constant(""))
         image, image_ok = _decode_or_flag(_get(decoded, self.source.image_key))
         return {

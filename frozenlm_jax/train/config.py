@@ -43,6 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "validation"
     c.data.max_len = 20  # tokens per example, prefix slots included
     c.data.augment = False
+    c.data.caption_choice = "random"  # "random" of an example's captions, or always the "first"
     # "shard": each host reads its own shard (tfds.split_for_jax_process); "interleave": one global order,
     # so the batches do not depend on the number of hosts (every host must be able to read the whole split)
     c.data.host_order = "shard"

@@ -108,7 +108,7 @@ def _pipelines(config, tokenizer, data_state):
         name, split, config.data.data_dir or None, config.data.image_key, config.data.caption_key)
     common = dict(image_size=config.vision.image_size, max_len=config.data.max_len,
                   num_prefix=config.model.num_prefix_tokens, batch_size=config.train.batch_size,
-                  seed=config.seed, augment=config.data.augment)
+                  seed=config.seed, augment=config.data.augment, caption_choice=config.data.caption_choice)
     train = CaptionPipeline(source(config.data.train_split), PipelineConfig(**common, host_order=config.data.host_order),
                             tokenizer, state=data_state)
     eval_config = PipelineConfig(**{**common, "augment": False, "shuffle": False})
