@@ -129,6 +129,7 @@ class Run:
     lm_source: str
     checkpointer: Checkpointer
     data_state: dict | None
+    restore_s: float | None  # seconds spent restoring a checkpoint, if one was restored
 
 
 def restore_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
@@ -156,15 +157,17 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
     del lm_params
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, lm_source,
                                 fingerprint(frozen, lm_source))
-    data_state = None
+    data_state, restore_s = None, None
     if checkpointer.latest_step() is not None:
+        start = time.perf_counter()
         state, rng, data_states = checkpointer.restore(state, rng, trainer.state_shardings)
-        data_state = data_states[jax.process_index()]
+        jax.block_until_ready(state)
+        data_state, restore_s = data_states[jax.process_index()], time.perf_counter() - start
     elif config.train.init_checkpoint:
         initial = Checkpointer(config.train.init_checkpoint, 1, lm_source, checkpointer.frozen["fingerprint"])
         state, _, _ = initial.restore(state, rng, trainer.state_shardings)
         state = state.replace(step=jnp.zeros_like(state.step))
-    return Run(model, trainer, state, frozen, rng, tokenizer, lm_source, checkpointer, data_state)
+    return Run(model, trainer, state, frozen, rng, tokenizer, lm_source, checkpointer, data_state, restore_s)
 
 
 def export(config: ml_collections.ConfigDict, workdir: str | Path, out: str | Path, lm_weights: bool = False) -> Path:
@@ -197,6 +200,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     step = int(state.step)
     logger = Logger(workdir)
+    if run.restore_s is not None:
+        logger.write(step, {"checkpoint_restore_s": run.restore_s})
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     eval_loss = _make_eval(model, trainer)
@@ -234,6 +239,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 logger.write(step, last_metrics)
                 progress.set_postfix(loss=f"{loss:.3f}", ex_s=f"{last_metrics['examples_per_s']:.1f}")
             progress.update(1)
+            if jax.process_count() > 1:  # every host stops (and saves) at the same step
+                from jax.experimental import multihost_utils
+
+                signals = multihost_utils.process_allgather(np.int32(stop["signal"] or 0))
+                stop["signal"] = int(np.max(signals)) or None
             val_loss = None
             if step % config.train.eval_every == 0 or step == config.train.num_steps:
                 val_loss = eval_loss(state.params, frozen, eval_data, config.train.eval_batches)
@@ -244,7 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 progress.write(f"step {step}: " + ", ".join(
                     f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in evaluation.items()))
             if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stop["signal"]:
+                start = time.perf_counter()
                 checkpointer.save(step, state, rng, _all_data_states(train_data), val_loss)
+                logger.write(step, {"checkpoint_save_s": time.perf_counter() - start})  # blocking part
             if stop["signal"] is not None:
                 progress.write(f"received signal {stop['signal']}: saved step {step} and stopping")
                 break
