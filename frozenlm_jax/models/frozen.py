@@ -29,12 +29,17 @@ class VisionPrefix(nn.Module):
     @nn.compact
     def __call__(self, images):
         features = NFResNet(self.config, name="encoder")(images)
-        init = nn.initializers.lecun_normal() if self.prefix_init_std is None else \
-            nn.initializers.normal(self.prefix_init_std / features.shape[-1] ** 0.5)
+        if self.prefix_init_std is None:
+            kernel_init, bias_init = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
+        else:
+            # The bias starts as an embedding-sized vector too: an exactly zero input embedding (a blank
+            # image's prefix in train_blind) gives SmolLM2 NaN gradients.
+            kernel_init = nn.initializers.normal(self.prefix_init_std / features.shape[-1] ** 0.5)
+            bias_init = nn.initializers.normal(self.prefix_init_std)
         prefix = nn.Dense(
             self.num_prefix_tokens * self.embed_dim, dtype=self.config.dtype, param_dtype=self.config.param_dtype,
-            kernel_init=nn.with_logical_partitioning(init, ("vision_features", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            kernel_init=nn.with_logical_partitioning(kernel_init, ("vision_features", "embed")),
+            bias_init=nn.with_logical_partitioning(bias_init, ("embed",)),
             name="prefix_proj")(features)
         return prefix.reshape(images.shape[0], self.num_prefix_tokens, self.embed_dim)
 
