@@ -4,7 +4,7 @@
 #   WORKDIR=gs://my-bucket/frozen/run1 TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets \
 #     ./launch_tpu.sh [--create] [--dry-run] [-- EXTRA TRAINER ARGS]
 #
-# Run ./launch_tpu.sh --help for every variable and flag; docs/tpu.md explains them.
+# Run ./launch_tpu.sh --help for every variable and flag; README ("Running on a TPU pod") explains them.
 set -euo pipefail
 
 PROG=launch_tpu.sh
