@@ -1,4 +1,4 @@
-"""The Frozen model: a vision encoder whose pooled feature becomes n prefix embeddings inside a frozen LM.
+"""The Frozen model: a vision encoder whose output becomes n prefix embeddings inside a frozen LM.
 
 Parameters split into `vision/...` (encoder and prefix projection: what trains) and `lm/...` (the
 pretrained LM). Input is the batch contract: `tokens` [B, T] with n placeholder slots per image,
@@ -13,22 +13,42 @@ import jax.numpy as jnp
 import numpy as np
 
 from frozenlm_jax.models.lm import HIDDEN_AXES, DecoderLM, LMConfig
-from frozenlm_jax.models.vision import NFResNet, VisionConfig
+from frozenlm_jax.models.vision import EncoderConfig, build_encoder
 
 VARIANTS = ("frozen", "finetuned", "scratch", "train_blind")
 
 
-class VisionPrefix(nn.Module):
-    """Images [N, H, W, 3] -> prefix embeddings [N, num_prefix_tokens, embed_dim]."""
+def _group_mean_init(key, shape, dtype=jnp.float32):
+    """Row i of the [n, L] token-pooling matrix averages the i-th of n contiguous groups of tokens."""
+    del key
+    n, length = shape
+    group = np.minimum(np.arange(length) * n // length, n - 1)
+    weights = (group[None] == np.arange(n)[:, None]).astype(np.float32)
+    return jnp.asarray(weights / weights.sum(axis=1, keepdims=True), dtype)
 
-    config: VisionConfig
+
+class VisionPrefix(nn.Module):
+    """Images [N, H, W, 3] -> prefix embeddings [N, num_prefix_tokens, embed_dim].
+
+    A pooled feature [N, C] is projected by one Dense to n * embed_dim (the paper's prefix). A token
+    sequence [N, L, C] (a ViT with pool='tokens') is first pooled into n tokens by a learned [n, L] mixing
+    matrix (`prefix_pool`, starting as the means of n contiguous groups of tokens), then each is projected by
+    a Dense C -> embed_dim: parameters grow as n * L + C * D, not as L * C * n * D for a flattened sequence.
+    """
+
+    config: EncoderConfig
     num_prefix_tokens: int
     embed_dim: int
     prefix_init_std: float | None = None  # std of each prefix entry at init (e.g. the LM's embedding std)
 
     @nn.compact
     def __call__(self, images):
-        features = NFResNet(self.config, name="encoder")(images)
+        n = self.num_prefix_tokens
+        features = build_encoder(self.config, name="encoder")(images)
+        if features.ndim == 3:
+            mix = self.param("prefix_pool", nn.with_logical_partitioning(_group_mean_init, (None, None)),
+                             (n, features.shape[1]), self.config.param_dtype)
+            features = jnp.einsum("nl,blc->bnc", mix.astype(features.dtype), features)
         if self.prefix_init_std is None:
             kernel_init, bias_init = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
         else:
@@ -36,12 +56,13 @@ class VisionPrefix(nn.Module):
             # image's prefix in train_blind) gives SmolLM2 NaN gradients.
             kernel_init = nn.initializers.normal(self.prefix_init_std / features.shape[-1] ** 0.5)
             bias_init = nn.initializers.normal(self.prefix_init_std)
+        out_features = self.embed_dim if features.ndim == 3 else n * self.embed_dim
         prefix = nn.Dense(
-            self.num_prefix_tokens * self.embed_dim, dtype=self.config.dtype, param_dtype=self.config.param_dtype,
+            out_features, dtype=self.config.dtype, param_dtype=self.config.param_dtype,
             kernel_init=nn.with_logical_partitioning(kernel_init, ("vision_features", "embed")),
             bias_init=nn.with_logical_partitioning(bias_init, ("embed",)),
             name="prefix_proj")(features)
-        return prefix.reshape(images.shape[0], self.num_prefix_tokens, self.embed_dim)
+        return prefix.reshape(images.shape[0], n, self.embed_dim)
 
 
 def vision_prefix(model: "Frozen") -> VisionPrefix:
@@ -80,7 +101,7 @@ class Frozen(nn.Module):
     """Vision encoder + prefix projection (`vision`) feeding a decoder-only LM (`lm`)."""
 
     lm_config: LMConfig
-    vision_config: VisionConfig
+    vision_config: EncoderConfig
     num_prefix_tokens: int = 2
     variant: str = "frozen"
     prefix_init_std: float | None = None

@@ -26,6 +26,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.vision.encoder = "nf_resnet_small"
     c.vision.image_size = 64
     c.vision.skip_gain_init = 0.0  # NF-ResNet residual-branch gains at init (0: each block starts as identity)
+    c.vision.init = ""  # a .safetensors of pretrained encoder weights (timm or HF ViT layout); empty: random init
 
     c.model = ml_collections.ConfigDict()
     c.model.num_prefix_tokens = 2

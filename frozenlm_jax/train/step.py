@@ -21,6 +21,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from frozenlm_jax.checkpoints.params import abstract_params
+from frozenlm_jax.checkpoints.vision_weights import load_encoder_weights
 from frozenlm_jax.models.frozen import Frozen, vision_prefix
 from frozenlm_jax.models.lm import DecoderLM
 from frozenlm_jax.parallel import DEFAULT_RULES, batch_sharding, logical_shardings
@@ -145,11 +146,12 @@ def make_trainer(model: Frozen, mesh: Mesh, *, label_rules, optimizer_kwargs: di
                    batch_sharding(mesh, rules), step)
 
 
-def init_params(trainer: Trainer, rng, lm_params=None, image_shape=None):
+def init_params(trainer: Trainer, rng, lm_params=None, image_shape=None, vision_init: str | None = None):
     """(TrainState, frozen params), each leaf created directly in its sharding.
 
-    The vision params are initialised here; the LM params are `lm_params` (from `load_lm`, ideally
-    loaded onto the same mesh) or, if None (the `scratch` variant), randomly initialised.
+    The vision params are initialised here, the encoder's then replaced by the weights of the safetensors
+    file `vision_init` if given; the LM params are `lm_params` (from `load_lm`, ideally loaded onto the
+    same mesh) or, if None (the `scratch` variant), randomly initialised.
     """
     model = trainer.model
     vision = vision_prefix(model)
@@ -158,6 +160,11 @@ def init_params(trainer: Trainer, rng, lm_params=None, image_shape=None):
     vision_rng, lm_rng = jax.random.split(rng)
     vision_params = jax.jit(lambda r: nn.unbox(vision.init(r, images)["params"]),
                             out_shardings=shardings["vision"])(vision_rng)
+    if vision_init:
+        encoder = load_encoder_weights(vision_init, model.vision_config, vision_params["encoder"])
+        encoder = jax.tree.map(lambda v, s: jax.make_array_from_callback(v.shape, s, lambda idx: v[idx]),
+                               encoder, shardings["vision"]["encoder"])
+        vision_params = dict(vision_params, encoder=encoder)
     if lm_params is None:
         lm = DecoderLM(model.lm_config)
         lm_params = jax.jit(lambda r: nn.unbox(lm.init(r, jnp.zeros((1, 1), jnp.int32))["params"]),
