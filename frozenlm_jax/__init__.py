@@ -5,7 +5,8 @@ encoder whose output is a visual prefix for the LM.
 """
 
 from frozenlm_jax.checkpoints import CheckpointError, LoadedLM, load_lm  # noqa: E402
-from frozenlm_jax.export import LoadedFrozen, load_frozen  # noqa: E402
+from frozenlm_jax.export import load_frozen  # noqa: E402
+from frozenlm_jax.frozen_lm import FrozenLM  # noqa: E402
 from frozenlm_jax.models.lm import DecoderLM, LMConfig  # noqa: E402
 
-__all__ = ["CheckpointError", "DecoderLM", "LMConfig", "LoadedFrozen", "LoadedLM", "load_frozen", "load_lm"]
+__all__ = ["CheckpointError", "DecoderLM", "FrozenLM", "LMConfig", "LoadedLM", "load_frozen", "load_lm"]

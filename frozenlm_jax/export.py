@@ -1,8 +1,11 @@
-"""Self-contained exported Frozen models: `load_frozen(path)` opens one for evaluation or another project.
+"""`load_frozen(path)`: a `FrozenLM` from an exported model directory or a training workdir.
 
-A directory holds `frozen.json` (architecture, LM reference and fingerprint, special token ids),
-`vision.safetensors`, `tokenizer.json`, and `lm.safetensors` when the LM's weights are included (always
-for a trained LM; optional for a frozen one, which is otherwise re-loaded from its recorded source).
+An exported directory is self-contained (for evaluation or another project): `frozen.json` (architecture,
+LM reference and fingerprint, special token ids), `vision.safetensors`, `tokenizer.json`, and
+`lm.safetensors` when the LM's weights are included (always for a trained LM; optional for a frozen one,
+which is otherwise re-loaded from its recorded source).
+A training workdir holds `config.json` and orbax checkpoints; its LM is rebuilt from the config's source and
+checked against the checkpoint's fingerprint.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -19,21 +21,12 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from frozenlm_jax.data.tokenizer import Tokenizer
+from frozenlm_jax.frozen_lm import FrozenLM
 from frozenlm_jax.models.frozen import Frozen
 from frozenlm_jax.models.lm import LMConfig, RopeScaling
-from frozenlm_jax.models.vision import VisionConfig
+from frozenlm_jax.models.vision import vision_config_from_dict, vision_config_to_dict
 
 FORMAT_VERSION = 1
-
-
-@dataclasses.dataclass
-class LoadedFrozen:
-    """An exported Frozen model: module, params (`vision` and `lm`), tokenizer and its input image size."""
-
-    model: Frozen
-    params: Any
-    tokenizer: Tokenizer
-    image_size: int
 
 
 def _flat_numpy(tree) -> dict[str, np.ndarray]:
@@ -53,7 +46,7 @@ def save_exported(path, model: Frozen, params, tokenizer: Tokenizer, lm_source: 
         "format_version": FORMAT_VERSION,
         "lm": {"source": lm_source, "fingerprint": lm_fingerprint, "config": dataclasses.asdict(model.lm_config),
                "weights": "lm.safetensors" if include_lm_weights else None},
-        "vision": dataclasses.asdict(model.vision_config),
+        "vision": vision_config_to_dict(model.vision_config),
         "num_prefix_tokens": model.num_prefix_tokens, "variant": model.variant,
         "prefix_init_std": model.prefix_init_std, "image_size": image_size,
         "tokenizer": {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
@@ -62,19 +55,29 @@ def save_exported(path, model: Frozen, params, tokenizer: Tokenizer, lm_source: 
     return path
 
 
-def load_frozen(path) -> LoadedFrozen:
-    """Open a model written by `python -m frozenlm_jax.train ... --export=PATH`."""
+def load_frozen(path, step: int | str = "best") -> FrozenLM:
+    """Open an exported model (written by `python -m frozenlm_jax.train ... --export=PATH`) or a training workdir.
+
+    step (workdir only): "best" (the kept checkpoint with the lowest validation loss, else the latest),
+    "latest", or a step number.
+    """
     path = Path(path)
-    if not (path / "frozen.json").exists():
-        raise FileNotFoundError(f"{path} has no frozen.json; export a run with "
-                                "`python -m frozenlm_jax.train --config=... --workdir=RUN --export=PATH`")
+    if (path / "frozen.json").exists():
+        return _load_exported(path)
+    if (path / "config.json").exists() and (path / "checkpoints").is_dir():
+        return _load_workdir(path, step)
+    raise FileNotFoundError(f"{path} is neither an exported model (no frozen.json) nor a training workdir (no "
+                            "config.json and checkpoints/); pass a workdir of `python -m frozenlm_jax.train` or "
+                            "the directory of its `--export=PATH`")
+
+
+def _load_exported(path: Path) -> FrozenLM:
     meta = json.loads((path / "frozen.json").read_text())
     lm_fields = dict(meta["lm"]["config"])
     if lm_fields.get("rope_scaling"):
         lm_fields["rope_scaling"] = RopeScaling(**lm_fields["rope_scaling"])
     lm_config = LMConfig(**lm_fields)
-    vision_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["vision"].items()}
-    model = Frozen(lm_config, VisionConfig(**vision_fields), meta["num_prefix_tokens"], meta["variant"],
+    model = Frozen(lm_config, vision_config_from_dict(meta["vision"]), meta["num_prefix_tokens"], meta["variant"],
                    meta["prefix_init_std"])
     vision = traverse_util.unflatten_dict(load_file(str(path / "vision.safetensors")), sep="/")
     if meta["lm"]["weights"]:
@@ -84,7 +87,40 @@ def load_frozen(path) -> LoadedFrozen:
     special = meta["tokenizer"]
     tokenizer = Tokenizer(tokenizers.Tokenizer.from_str((path / "tokenizer.json").read_text()),
                           special["bos_id"], special["eos_id"], special["pad_id"])
-    return LoadedFrozen(model, {"vision": vision, "lm": lm_params}, tokenizer, meta["image_size"])
+    return FrozenLM(model, {"vision": vision, "lm": lm_params}, tokenizer, meta["image_size"])
+
+
+def _load_workdir(path: Path, step: int | str) -> FrozenLM:
+    from frozenlm_jax.train.config import default_config
+    from frozenlm_jax.train.step import merge_params
+    from frozenlm_jax.train.trainer import restore_run
+
+    if not (step in ("best", "latest") or isinstance(step, int)):
+        raise ValueError(f"step={step!r}; use 'best', 'latest' or a step number")
+    kept = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
+    if not kept:
+        raise FileNotFoundError(f"{path} has no checkpoint yet; train first")
+    if isinstance(step, int) and step not in kept:
+        raise FileNotFoundError(f"{path} has no checkpoint of step {step}; it keeps steps {kept}")
+    config = default_config()
+    saved = json.loads((path / "config.json").read_text())
+    try:
+        config.update(_lists_to_tuples(saved))
+    except (AttributeError, KeyError) as e:
+        raise ValueError(f"{path / 'config.json'} has keys this version does not know ({e}); load it with the "
+                         "version of frozenlm_jax that trained it") from None
+    run = restore_run(config, path, None if step == "latest" else step)
+    run.checkpointer.close()
+    return FrozenLM(run.model, merge_params(run.state.params, run.frozen), run.tokenizer, config.vision.image_size)
+
+
+def _lists_to_tuples(value):
+    """JSON's lists back to the tuples a config holds."""
+    if isinstance(value, list):
+        return tuple(_lists_to_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _lists_to_tuples(v) for k, v in value.items()}
+    return value
 
 
 def _reload_lm(reference: dict, lm_config: LMConfig):

@@ -143,6 +143,29 @@ def test_exported_model_reloads_with_the_same_logits(uninterrupted, data_dir, tm
     assert loaded.image_size == 16 and isinstance(loaded.model, Frozen)
 
 
+def test_load_frozen_opens_the_best_checkpoint_of_a_workdir(uninterrupted):
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
+
+    from frozenlm_jax import load_frozen
+
+    workdir = uninterrupted[0]
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5; it keeps steps \[8, 12\]"):
+        load_frozen(workdir, step=5)
+    best = load_frozen(workdir)  # step 12: the only kept checkpoint with a validation loss
+    earlier = load_frozen(workdir, step=8)
+    vision = lambda params: traverse_util.flatten_dict(jax.device_get(params), sep="/")  # noqa: E731
+    for step, loaded in [(12, best), (8, earlier)]:
+        saved = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+        for name, value in vision(saved["state"]["params"]["vision"]).items():
+            np.testing.assert_array_equal(vision(loaded.params["vision"])[name], value)
+    earlier_vision = vision(earlier.params["vision"])
+    assert any(not np.array_equal(v, earlier_vision[k]) for k, v in vision(best.params["vision"]).items())
+    prompt = [np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8), "A picture of"]
+    assert best.image_size == 16 and len(best.generate(prompt, max_new_tokens=4)) == 1
+
+
 def test_every_config_file_builds_with_known_keys():
     import importlib.util
 

@@ -42,10 +42,20 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-            options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True))
+            # best_fn makes orbax write each step's metrics to disk, so a resumed run (and `best_step`)
+            # still knows which kept checkpoint is best; retention follows `policy` alone.
+            options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                                 best_fn=lambda m: m["val_loss"], best_mode="min"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step with the lowest validation loss (None if no kept checkpoint has one)."""
+        return self.manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
 
     def save(self, step: int, state, rng, data_states: list[dict], val_loss: float | None = None) -> None:
         """Save (asynchronously); `data_states` holds every process's input-pipeline state, by process index."""

@@ -132,9 +132,13 @@ class Run:
     restore_s: float | None  # seconds spent restoring a checkpoint, if one was restored
 
 
-def restore_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
+def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, step: int | str | None = None) -> Run:
     """Build the model and step of `config`; resume from `workdir`'s latest checkpoint, else
-    `train.init_checkpoint`, else a fresh initialisation."""
+    `train.init_checkpoint`, else a fresh initialisation.
+
+    step: restore this step of the workdir instead of the latest, or "best": the kept step with the lowest
+    validation loss (the latest if none has one).
+    """
     validate_config(config)
     maybe_initialize_distributed()
     workdir = Path(workdir)
@@ -143,7 +147,9 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
     mesh = make_mesh(config.mesh.to_dict())
     lm_config, lm_params, tokenizer, lm_source = build_lm(config, mesh, rules)
     n = config.model.num_prefix_tokens
-    vision = vision_config(config.vision.encoder, skip_gain_init=config.vision.skip_gain_init)
+    vision = vision_config(config.vision.encoder)
+    if vision.family == "nf_resnet":
+        vision = vision.replace(skip_gain_init=config.vision.skip_gain_init)
     model = Frozen(lm_config, vision, n, variant=config.model.variant,
                    prefix_init_std=config.model.prefix_init_std or None)
     image_shape = (config.vision.image_size, config.vision.image_size, 3)
@@ -153,14 +159,19 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
                            max_targets=config.data.max_len - n, grad_accum_steps=config.train.grad_accum_steps)
     rng = jax.random.key(config.seed)
     init_rng, rng = jax.random.split(rng)
-    state, frozen = init_params(trainer, init_rng, lm_params, image_shape)
+    state, frozen = init_params(trainer, init_rng, lm_params, image_shape, vision_init=config.vision.init or None)
     del lm_params
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, lm_source,
                                 fingerprint(frozen, lm_source))
     data_state, restore_s = None, None
     if checkpointer.latest_step() is not None:
+        if step == "best":
+            step = checkpointer.best_step()
+        if step is not None and step not in checkpointer.all_steps():
+            raise FileNotFoundError(f"{workdir} has no checkpoint of step {step!r}; it keeps steps "
+                                    f"{checkpointer.all_steps()} (or pass step='best' or None: the latest)")
         start = time.perf_counter()
-        state, rng, data_states = checkpointer.restore(state, rng, trainer.state_shardings)
+        state, rng, data_states = checkpointer.restore(state, rng, trainer.state_shardings, step=step)
         jax.block_until_ready(state)
         data_state, restore_s = data_states[jax.process_index()], time.perf_counter() - start
     elif config.train.init_checkpoint:
