@@ -201,3 +201,43 @@ def test_two_processes_reach_the_losses_of_one(uninterrupted, data_dir, tmp_path
     got, _ = read_metrics(tmp_path)
     assert sorted(got) == sorted(expected)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-5)
+
+
+def test_profile_trace_and_export_by_lm_reference(data_dir, tmp_path):
+    """A loadable frozen LM is exported as a reference (source + fingerprint): load_frozen re-loads it, and a
+    changed LM at that source is refused. `train.profile_steps` writes a jax.profiler trace."""
+    import jax
+    from conftest import write_random_hf_llama
+    from safetensors.numpy import load_file, save_file
+
+    from frozenlm_jax import load_frozen
+    from frozenlm_jax.data.testing import byte_tokenizer
+    from frozenlm_jax.train.trainer import export, restore_run
+
+    tokenizer = byte_tokenizer()
+    lm_dir = tmp_path / "lm"
+    write_random_hf_llama(lm_dir, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                          bos_token_id=None)
+    (lm_dir / "tokenizer.json").write_text(tokenizer.backend.to_str())
+    config = tiny_config(data_dir, num_steps=3, eval_every=3, checkpoint_every=3, profile_steps=(1, 2))
+    config.lm.source = str(lm_dir)
+    train_and_evaluate(config, tmp_path / "run")
+    assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+
+    out = export(config, tmp_path / "run", tmp_path / "exported")
+    assert not (out / "lm.safetensors").exists()
+    loaded = load_frozen(out)
+    run = restore_run(config, tmp_path / "run")
+    run.checkpointer.close()
+    batch = {"tokens": np.full((2, 6), 5, np.int32), "images": np.zeros((2, 1, 16, 16, 3), np.float32),
+             "image_mask": np.ones((2, 1), bool), "image_positions": np.zeros((2, 1), np.int32)}
+    params = {"vision": run.state.params["vision"], "lm": run.frozen["lm"]}
+    expected = jax.jit(lambda p, b: run.model.apply({"params": p}, b))(params, batch)
+    got = jax.jit(lambda p, b: loaded.model.apply({"params": p}, b))(loaded.params, batch)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+
+    tensors = load_file(str(lm_dir / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1.0
+    save_file(tensors, str(lm_dir / "model.safetensors"))
+    with pytest.raises(ValueError, match="is not the one this model was trained with"):
+        load_frozen(out)
