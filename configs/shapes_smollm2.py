@@ -25,4 +25,12 @@ def get_config(arg=None):
     c.train.eval_batches = 2
     c.train.checkpoint_every = 300
     c.train.log_every = 10
+    # python -m frozenlm_jax.evaluate --workdir=/tmp/frozen_shapes: the paper's 0/1/4-shot VQA and 2-/5-way
+    # fast binding with 1 and 3 shots, on the shapes world, plus caption accuracy and the blind baseline.
+    c.eval.tasks = "shapes_captions,shapes_vqa,fast_binding"
+    c.eval.num_examples = 200
+    c.eval.vqa_shots = (0, 1, 4)
+    c.eval.episode_ways = (2, 5)
+    c.eval.episode_shots = (1, 3)
+    c.eval.blind_baseline = True
     return c

@@ -24,4 +24,10 @@ def get_config(arg=None):
     c.train.num_samples = 2
     c.train.caption_eval_images = 8
     c.train.checkpoint_every = 4
+    c.eval.tasks = "shapes_captions,shapes_vqa,fast_binding,real_name"
+    c.eval.num_examples = 4
+    c.eval.vqa_shots = (0, 1)
+    c.eval.episode_ways = (2,)
+    c.eval.episode_shots = (1,)
+    c.eval.batch_size = 4
     return c

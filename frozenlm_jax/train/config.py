@@ -67,6 +67,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.init_checkpoint = ""  # a checkpoint dir to start from when this workdir has none
     c.train.profile_steps = (0, 0)  # [start, stop): jax.profiler trace into WORKDIR/profile
 
+    c.eval = ml_collections.ConfigDict()  # `python -m frozenlm_jax.evaluate`
+    c.eval.tasks = "shapes_captions,shapes_vqa,fast_binding"  # comma-separated, of frozenlm_jax.eval.suite.TASKS
+    c.eval.num_examples = 200  # per task and shot count: questions, episodes or captioned images (0: a whole file)
+    c.eval.vqa_shots = (0, 1, 4)
+    c.eval.episode_ways = (2, 5)
+    c.eval.episode_shots = (1, 3)
+    c.eval.task_induction = False  # episode prompts open with "Answer with dax or blicket."
+    c.eval.blind_baseline = True  # also a "<run> (blind)" row: the same prompts with every image blanked
+    c.eval.data_dir = ""  # holds vqav2/ and okvqa/ (official files, see README "Evaluation"); shapes tasks need none
+    c.eval.batch_size = 16
+    c.eval.seed = 0
+
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.axis_rules = tuple(DEFAULT_RULES)
     c.lock()

@@ -1,0 +1,173 @@
+"""Evaluate runs on their tasks and write the report: `results.json`, `results.md` (a table per task like the
+paper's: rows = runs and variants, columns = shots) and `accuracy_vs_shots.png`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+from frozenlm_jax.eval.suite import Suite, TextOnly, check_settings
+
+RESULTS_JSON, RESULTS_MD, PLOT_PNG = "results.json", "results.md", "accuracy_vs_shots.png"
+LM_ONLY = "LM only (no images)"
+TRAINED_LM_VARIANTS = ("finetuned", "scratch")
+
+
+def run_settings(path) -> ml_collections.ConfigDict:
+    """The `eval` section of a run's saved `config.json`, defaults filling what it lacks (all of it for an
+    exported model, which keeps no config)."""
+    from frozenlm_jax.train.config import default_config
+
+    settings = default_config().eval
+    saved = Path(path) / "config.json"
+    if saved.exists():
+        section = json.loads(saved.read_text()).get("eval", {})
+        try:  # JSON's lists become the config's tuples
+            settings.update(section)
+        except (AttributeError, KeyError) as e:
+            raise ValueError(f"{saved} has eval keys this version does not know ({e}); evaluate it with the version "
+                             "of frozenlm_jax that trained it") from None
+    return settings
+
+
+def row_names(workdirs: Sequence) -> list[str]:
+    """Each workdir's folder name, or its path as given where two names clash."""
+    names = [Path(w).resolve().name for w in workdirs]
+    return [str(w) if names.count(n) > 1 else n for n, w in zip(names, workdirs)]
+
+
+def evaluate_runs(workdirs: Sequence = (), tasks: str | Sequence[str] | None = None, out=None, lm_only=None,
+                  data_dir: str | None = None, step: int | str = "best") -> dict:
+    """Evaluate each workdir (a training workdir or an exported model) on `tasks` (default: those of its
+    config), plus "<name> (blind)" where its config sets `eval.blind_baseline`, plus `LM_ONLY` when `lm_only`
+    names a run whose frozen LM then answers the same prompts from their text alone. Writes the report to
+    `out` (default: the workdir's eval/ when there is one workdir) and returns it.
+    """
+    from frozenlm_jax.export import load_frozen
+
+    workdirs = list(workdirs)
+    sources = [(name, w, "run") for name, w in zip(row_names(workdirs), workdirs)]
+    sources += [(LM_ONLY, lm_only, "lm_only")] if lm_only else []
+    if not sources:
+        raise ValueError("nothing to evaluate: pass at least one workdir (or lm_only)")
+    if out is None:
+        if len(sources) != 1:
+            raise ValueError(f"{', '.join(str(p) for _, p, _ in sources)} share one report: pass out=DIR (--out) "
+                             "for it (the default, WORKDIR/eval, is for a single workdir)")
+        out = Path(sources[0][1]) / "eval"
+    missing = [str(path) for _, path, _ in sources if not Path(path).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"no such run directory: {', '.join(missing)}; pass training workdirs or exported "
+                                "model directories")
+    settings = [run_settings(path) for _, path, _ in sources]
+    for s in settings:  # fail on bad tasks or settings before loading any model
+        if data_dir is not None:
+            s.data_dir = data_dir
+        check_settings(tasks or s.tasks, s)
+    suites: dict = {}
+    rows = []
+    keys = [Path(path).resolve() for _, path, _ in sources]
+    loaded: dict = {}  # a model kept while a later row needs it too (lm_only of an evaluated run)
+    for i, ((name, path, kind), s) in enumerate(zip(sources, settings)):
+        print(f"evaluating {name} ({path})")
+        model = loaded.pop(keys[i], None) or load_frozen(path, step)
+        if keys[i] in keys[i + 1:]:
+            loaded[keys[i]] = model
+        if kind == "lm_only" and model.model.variant in TRAINED_LM_VARIANTS:
+            raise ValueError(f"lm_only={path}: that run trained its LM (variant {model.model.variant!r}); pass a run "
+                             "whose LM stayed frozen (variant 'frozen' or 'train_blind')")
+        task_names = check_settings(tasks or s.tasks, s)
+        suite = suites.setdefault((tuple(task_names), s.to_json(), model.image_size),
+                                  Suite(task_names, s, model.image_size))
+        common = dict(source=str(path), tasks=task_names, settings=s.to_dict())
+        if kind == "lm_only":
+            rows.append(dict(name=name, kind=kind, **common, **suite.evaluate(TextOnly(model))))
+            continue
+        rows.append(dict(name=name, kind=kind, **common, **suite.evaluate(model)))
+        if s.blind_baseline:
+            print(f"evaluating {name} (blind)")
+            rows.append(dict(name=f"{name} (blind)", kind="blind", **common, **suite.evaluate(model, blind=True)))
+    columns = {}
+    for suite in suites.values():
+        columns.update({c.name: dataclasses.asdict(c) for c in suite.columns()})
+    report = {"columns": list(columns.values()), "rows": rows}
+    for path in write_report(report, out):
+        print(f"wrote {path}")
+    return report
+
+
+def write_report(report: dict, out) -> list[Path]:
+    """`results.json`, `results.md` and (if any column has shots) the plot in directory `out`; their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_JSON).write_text(json.dumps(report, indent=1))
+    (out / RESULTS_MD).write_text(markdown(report))
+    written = [out / RESULTS_JSON, out / RESULTS_MD]
+    if any(c["shots"] is not None for c in report["columns"]):
+        plot(report, out / PLOT_PNG)
+        written.append(out / PLOT_PNG)
+    return written
+
+
+def _cell(row: dict, column: str) -> str:
+    if column not in row["scores"]:
+        return "–"  # not evaluated
+    score = row["scores"][column]
+    return "n/a" if score is None else f"{100 * score:.1f}"
+
+
+def markdown(report: dict) -> str:
+    """One table per task: rows = runs and variants, columns = the task's shots (or ways × shots)."""
+    lines = ["# Evaluation", "",
+             "Accuracy in %. VQA: the official VQAv2 accuracy of short greedy answers; episodes: exact match of the "
+             "answer's first word; captions: the share of colour / shape words in generated captions that are right "
+             "for the image. \"(blind)\": the same prompts with every image blanked; \"" + LM_ONLY + "\": the frozen "
+             "LM on the prompts' text alone. –: not evaluated; n/a: does not apply.", ""]
+    tasks = list(dict.fromkeys(c["task"] for c in report["columns"]))
+    for task in tasks:
+        names = [c["name"] for c in report["columns"] if c["task"] == task]
+        rows = [r for r in report["rows"] if any(n in r["scores"] for n in names)]
+        lines += [f"## {task}", "", "| run | " + " | ".join(n.removeprefix(task + " ") for n in names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        lines += ["| " + " | ".join([r["name"]] + [_cell(r, n) for n in names]) + " |" for r in rows]
+        lines.append("")
+    lines += ["## Runs", "", "| run | source | examples per column | seed |", "|---|---|---:|---:|"]
+    lines += [f"| {r['name']} | {r['source']} | {r['settings']['num_examples'] or 'all'} | {r['settings']['seed']} |"
+              for r in report["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path) -> None:
+    """Accuracy against the number of shots: one panel per series (a task, or a task at one number of ways),
+    one line per row; blind and LM-only rows dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = [c for c in report["columns"] if c["shots"] is not None]
+    series = list(dict.fromkeys(c["series"] for c in columns))
+    ncols = min(3, len(series))
+    nrows = -(-len(series) // ncols)
+    figure = Figure(figsize=(4.2 * ncols, 3.4 * nrows))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, name in zip(axes, series):
+        points = [(c["shots"], c["name"]) for c in columns if c["series"] == name]
+        for row in report["rows"]:
+            xy = [(shots, row["scores"][column]) for shots, column in points
+                  if row["scores"].get(column) is not None]
+            if xy:
+                shots, scores = zip(*xy)
+                ax.plot(shots, [100 * s for s in scores], marker="o", label=row["name"],
+                        linestyle="-" if row["kind"] == "run" else "--")
+        ax.set(title=name, xlabel="shots", ylabel="accuracy (%)", xticks=sorted({s for s, _ in points}))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(series):]:
+        ax.axis("off")
+    axes[0].legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)

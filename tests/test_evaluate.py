@@ -1,0 +1,119 @@
+"""`python -m frozenlm_jax.evaluate` on a briefly trained configs/tiny.py run: the report's rows × columns,
+its markdown tables and plot, the default output folder, and clear errors for bad task names and outputs;
+the task suite's scores of a constant answerer on the generated data."""
+
+import json
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from frozenlm_jax import evaluate
+from frozenlm_jax.data.eval_files import read_episodes, write_episodes, write_vqa
+from frozenlm_jax.eval.suite import TASKS, Suite
+from frozenlm_jax.eval.vqa import load_vqa
+from frozenlm_jax.train.trainer import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+import tiny  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def eval_cache(tmp_path_factory, monkeypatch):
+    """Generated evaluation files go to a temporary cache shared by this module's tests."""
+    monkeypatch.setenv("FROZENLM_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two workdirs of a 4-step tiny run (the second a copy, so it loads as its own row)."""
+    config = tiny.get_config()
+    config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    config.train.num_steps = 4
+    config.train.eval_every = 4
+    config.train.checkpoint_every = 4
+    first = tmp_path_factory.mktemp("runs") / "frozen_a"
+    train_and_evaluate(config, first)
+    second = first.parent / "frozen_b"
+    shutil.copytree(first, second)
+    return first, second
+
+
+class Constant:
+    """An answerer that gives every prompt the same text."""
+
+    image_size = 16
+
+    def __init__(self, text):
+        self.text = text
+
+    def generate(self, prompts, max_new_tokens, stop):
+        return [self.text] * len(prompts)
+
+
+def test_suite_scores_a_constant_answer_at_its_rate_in_the_generated_data(tmp_path):
+    settings = tiny.get_config().eval
+    settings.num_examples = 12
+    suite = Suite("shapes_vqa,fast_binding", settings, 16)
+    vqa_dir = write_vqa(tmp_path / "vqa", 4, 16, seed=0)  # the suite's: 12 questions, 3 per image, seed 0
+    answers = [q.answer for q in load_vqa(vqa_dir / "questions.json", vqa_dir / "annotations.json",
+                                          vqa_dir / "images")]
+    episodes = read_episodes(write_episodes(tmp_path / "episodes", "open_ended", 2, 1, 12, 16, seed=0))
+    word = episodes[0]["answer"]
+    common = Counter(answers).most_common(1)[0][0]
+    expected_vqa = answers.count(common) / 12
+    expected_binding = sum(e["answer"] == word for e in episodes) / 12
+    assert 0 < expected_vqa < 1 and 0 < expected_binding < 1
+    assert suite.evaluate(Constant(common))["scores"] == {
+        "shapes_vqa 0-shot": expected_vqa, "shapes_vqa 1-shot": expected_vqa, "fast_binding 2-way 1-shot": 0.0}
+    blind = suite.evaluate(Constant(f"{word}. Q:"), blind=True)
+    assert blind["scores"]["fast_binding 2-way 1-shot"] == expected_binding
+
+
+def test_report_of_two_runs_with_blind_rows_and_the_lm_alone(runs, tmp_path):
+    first, second = runs
+    out = tmp_path / "report"
+    evaluate.main([f"--workdir={first}", f"--workdir={second}", f"--lm_only={first}", f"--out={out}"])
+    report = json.loads((out / "results.json").read_text())
+    names = ["frozen_a", "frozen_a (blind)", "frozen_b", "frozen_b (blind)", "LM only (no images)"]
+    assert [r["name"] for r in report["rows"]] == names
+    columns = ["shapes_captions colour", "shapes_captions shape", "shapes_vqa 0-shot", "shapes_vqa 1-shot",
+               "fast_binding 2-way 1-shot", "real_name 2-way 1-shot"]
+    assert [c["name"] for c in report["columns"]] == columns
+    for row in report["rows"]:
+        assert list(row["scores"]) == columns
+        for column, score in row["scores"].items():
+            if row["kind"] == "lm_only" and column.startswith("shapes_captions"):
+                assert score is None  # nothing to caption without an image
+            else:
+                assert 0.0 <= score <= 1.0, (row["name"], column, score)
+    assert report["rows"][0]["scores"] == report["rows"][2]["scores"]  # the same run, the same data
+    markdown = (out / "results.md").read_text()
+    assert "## shapes_vqa\n\n| run | 0-shot | 1-shot |" in markdown
+    assert "## fast_binding\n\n| run | 2-way 1-shot |" in markdown
+    assert "| LM only (no images) | n/a | n/a |" in markdown
+    assert (out / "accuracy_vs_shots.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_one_workdir_writes_to_its_eval_folder_with_the_tasks_asked(runs):
+    first, _ = runs
+    evaluate.main([f"--workdir={first}", "--tasks=shapes_vqa"])
+    report = json.loads((first / "eval" / "results.json").read_text())
+    assert [c["name"] for c in report["columns"]] == ["shapes_vqa 0-shot", "shapes_vqa 1-shot"]
+    assert [r["name"] for r in report["rows"]] == ["frozen_a", "frozen_a (blind)"]
+    assert (first / "eval" / "accuracy_vs_shots.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_unknown_task_and_missing_out_are_clear_errors(runs):
+    first, second = runs
+    with pytest.raises(ValueError, match="unknown task\\(s\\) 'vqa3'; known: " + ", ".join(TASKS)):
+        evaluate.main([f"--workdir={first}", "--tasks=shapes_vqa,vqa3"])
+    with pytest.raises(ValueError, match="pass out=DIR \\(--out\\)"):
+        evaluate.main([f"--workdir={first}", f"--workdir={second}"])
+    with pytest.raises(ValueError, match="read the official files from eval.data_dir"):
+        evaluate.main([f"--workdir={first}", "--tasks=vqav2"])
