@@ -217,7 +217,11 @@ class MLP(nn.Module):
                 act(dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)))
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(act(gate) * up)
+        # Recomputed in the backward pass from gate and up: only those two [B, T, mlp] activations are kept
+        # (not also the activation's intermediates), which matters when the LM is frozen and its backward
+        # needs no other MLP activation.
+        gated = jax.checkpoint(lambda g, u: act(g) * u)(gate, up)
+        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(gated)
 
 
 class Block(nn.Module):

@@ -1,0 +1,133 @@
+"""The benchmarks run end to end on tiny configs (as subprocesses, as a user runs them), so they cannot rot;
+and the torch reference's NF-ResNet computes what ours does. No test here depends on a timing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+TINY_LM = "--lm=random:llama-tiny"
+
+
+def run_bench(script: str, *args: str, timeout: int = 300) -> str:
+    # The children pick their own device count: drop the test session's 8 simulated devices.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
+                         timeout=timeout, cwd=BENCH.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_train_step_bench_runs_both_implementations(torch):
+    out = run_bench("train_step.py", TINY_LM, "--vision=nf_resnet_tiny", "--image_size=16", "--batches=2",
+                    "--caption_len=4", "--steps=1", "--warmup=1", "--rounds=1", "--profile")
+    [row] = json_lines(out)
+    assert row["jax"]["step_s"] > 0 and row["torch"]["step_s"] > 0 and row["speedup"] > 0
+    assert row["jax"]["peak_rss_mib"] > 0 and row["torch"]["peak_rss_mib"] > 0
+    assert row["jax"]["xla_flops"] > 0 and row["analytic_flops"]["total"] > 0
+    assert row["jax"]["profile"]["op_time_ms_per_step"] > 0 and row["torch"]["profile"]
+    assert "| batch 2 |" in out  # the markdown table
+
+
+def test_decode_bench_runs_both_implementations(torch):
+    out = run_bench("decode.py", TINY_LM, "--batches=2", "--max_new_tokens=3", "--rounds=1", "--repeats=1")
+    [row] = json_lines(out)
+    assert row["jax"]["tokens_per_s"] > 0 and row["torch"]["tokens_per_s"] > 0 and row["speedup"] > 0
+
+
+def test_compile_time_bench_runs():
+    out = run_bench("compile_time.py", "--depths=1", "--scans=1", "--image_size=16", "--caption_len=4",
+                    "--max_new_tokens=2")
+    rows = json_lines(out)
+    assert {(r["depth"], r["scan_layers"]) for r in rows} == {(1, True)}  # unrolled: as in the train_step test
+    assert all(r["step_compile_s"] > 0 for r in rows)
+
+
+def test_scaling_bench_runs_on_a_simulated_mesh():
+    out = run_bench("scaling.py", "--targets=h100x8", "--layers=1,2", "--remats=none", TINY_LM,
+                    "--vision=nf_resnet_tiny", "--image_size=16", "--batch=16", "--caption_len=4")
+    assert "| 8x H100 SXM | data 8 | none |" in out
+
+
+def test_analytic_flops_match_xla_cost_analysis():
+    """The benchmark's analytic FLOP count agrees with XLA's count of the compiled step (matmul-dominated config)."""
+    sys.path.insert(0, str(BENCH))
+    from train_step import LM_PRESETS, analytic_step_flops, make_batch, vision_shapes
+
+    from frozenlm_jax.models.frozen import Frozen
+    from frozenlm_jax.models.lm import LMConfig
+    from frozenlm_jax.models.vision import vision_config
+    from frozenlm_jax.parallel import make_mesh
+    from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
+    from frozenlm_jax.train.step import init_params, make_trainer
+
+    lm = dict(LM_PRESETS["llama-tiny"], hidden_size=256, intermediate_size=1024, head_dim=64, vocab_size=4096)
+    batch, image, prefix, caption = 8, 16, 2, 14
+    model = Frozen(LMConfig(**lm), vision_config("nf_resnet_tiny"), prefix)
+    trainer = make_trainer(model, make_mesh({"data": -1}), label_rules=VARIANT_LABEL_RULES["frozen"],
+                           image_shape=(image, image, 3), optimizer_kwargs=dict(learning_rate=1e-3),
+                           max_targets=caption)
+    state, frozen = init_params(trainer, jax.random.key(0), None, (image, image, 3))
+    sharded = trainer.shard_batch(make_batch(batch, image, prefix, caption, lm["vocab_size"]))
+    cost = trainer.step.lower(state, frozen, sharded).compile().cost_analysis()
+    xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"] * jax.device_count()  # per device x devices
+    flops = analytic_step_flops(lm, vision_shapes("nf_resnet_tiny"), batch, image, prefix, caption)
+    assert flops["total"] == sum(v for k, v in flops.items() if k != "total")
+    assert 0.9 < flops["total"] / xla_flops < 1.02, (flops, xla_flops)
+
+
+def test_torch_reference_nf_resnet_matches_ours(torch):
+    """The benchmark's torch NF-ResNet + prefix projection computes our VisionPrefix (same weights copied)."""
+    sys.path.insert(0, str(BENCH))
+    from train_step import torch_modules, vision_shapes
+
+    from frozenlm_jax.models.frozen import VisionPrefix
+    from frozenlm_jax.models.vision import vision_config
+
+    _, _, TorchVisionPrefix = torch_modules()
+    for name, overrides, size in [("nf_resnet_tiny", {}, 16),
+                                  ("nf_resnet_tiny", dict(stem_pool=True, stem_kernel=7, depths=(2, 1)), 30)]:
+        config = vision_config(name, skip_gain_init=0.5, **overrides)
+        ours = VisionPrefix(config, 2, 12)
+        images = np.random.default_rng(0).uniform(0, 1, (2, size, size, 3)).astype(np.float32)
+        params = jax.tree.map(np.asarray, ours.init(jax.random.key(0), images)["params"])
+        params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                              is_leaf=lambda x: hasattr(x, "unbox"))
+        expected = np.asarray(ours.apply({"params": params}, images))
+
+        shapes = vision_shapes(name) | overrides | {"skip_gain_init": 0.5}
+        theirs = TorchVisionPrefix(shapes, 2, 12)
+        copy_conv = lambda conv, p: conv.load_state_dict({  # noqa: E731
+            "weight": torch.from_numpy(np.asarray(p["kernel"]).transpose(3, 2, 0, 1).copy()),
+            "gain": torch.tensor(np.asarray(p["gain"])), "bias": torch.tensor(np.asarray(p["bias"]))})
+        encoder = params["encoder"]
+        copy_conv(theirs.encoder.stem, encoder["stem"])
+        blocks = iter(theirs.encoder.blocks)
+        for stage, depth in enumerate(shapes["depths"]):
+            for index in range(depth):
+                block, p = next(blocks), encoder[f"stage{stage}_block{index}"]
+                for conv in ("conv1", "conv2", "conv3", "shortcut"):
+                    assert (conv in p) == (getattr(block, conv) is not None)
+                    if conv in p:
+                        copy_conv(getattr(block, conv), p[conv])
+                block.skip_gain.data = torch.tensor(float(p["skip_gain"]))
+        theirs.prefix_proj.weight.data = torch.from_numpy(np.asarray(params["prefix_proj"]["kernel"]).T.copy())
+        theirs.prefix_proj.bias.data = torch.tensor(np.asarray(params["prefix_proj"]["bias"]))
+        with torch.no_grad():
+            got = theirs(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("script", ["train_step.py", "decode.py", "compile_time.py", "scaling.py"])
+def test_bench_scripts_have_help(script):
+    assert "usage" in run_bench(script, "--help")
