@@ -241,7 +241,7 @@ def main():
               f"{r['model_tflop']:.1f} T | {r['xla_tflop']:.1f} T | {1e3 * r['step_s_at_50']:.0f} ms | "
               f"{args.batch / r['step_s_at_50']:.0f} |")
     print("\nNot counted above: batch-independent temporaries that grow per LM layer, "
-          + ", ".join(f"{r['target']} remat={r['remat']}: {r['cpu_weight_copies_gib']:.2f} GiB" for r in rows)
+          + ", ".join(f"{r['target']} remat={r['remat']}: {max(r['cpu_weight_copies_gib'], 0.0):.2f} GiB" for r in rows)
           + " per device; XLA:CPU upcasts bfloat16 matmuls to float32 and keeps float32 copies of the frozen "
           "weights, which GPU and TPU compilers (bfloat16 matmuls) do not.")
     print(f"\nAnalytic FLOPs per step: vision fwd {flops['vision_fwd'] / 1e12:.2f} T, vision bwd "
