@@ -84,9 +84,10 @@ def rss_mib() -> int:
 
 
 class PeakRSS:
-    """Peak resident memory of each phase of a child: `setup` (load, init), `first_step` (compile and the first
-    step) and `step` (the steady-state steps). Between phases, freed memory goes back to the OS (malloc_trim,
-    the same for both implementations) and the high-water mark is reset; `peak_rss_mib` is the whole life's."""
+    """Peak resident memory of each phase of a child: ours `compile` (ahead of time, from process start), then
+    `setup` (load, init; the reference's from process start), `first_step` and `step` (the steady-state
+    steps). Between phases, freed memory goes back to the OS (malloc_trim, the same for both
+    implementations) and the high-water mark is reset; `peak_rss_mib` is the whole life's."""
 
     def __init__(self):
         self.phases: dict[str, int] = {}
@@ -305,11 +306,36 @@ def compiler_options(case: dict) -> dict:
     return {}
 
 
-def run_jax(case: dict) -> dict:
+def abstract_step_args(trainer, batch_size: int, length: int, image_shape):
+    """ShapeDtypeStructs (with shardings) of the step's (state, frozen params, batch): to compile it before any
+    weight exists."""
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
+    from frozenlm_jax.train.step import TrainState, abstract_model_params, split_params
+
+    abstract = nn.unbox(abstract_model_params(trainer.model, image_shape))
+    trainable, frozen = split_params(abstract, trainer.labels)
+    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
+                       opt_state=jax.eval_shape(trainer.optimizer.init, abstract))
+    place = lambda tree, shardings: jax.tree.map(  # noqa: E731
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
+    b, t = batch_size, length
+    batch = dict(tokens=((b, t), jnp.int32), images=((b, 1) + tuple(image_shape), jnp.float32),
+                 image_mask=((b, 1), jnp.bool_), image_positions=((b, 1), jnp.int32), loss_mask=((b, t), jnp.bool_))
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding) for k, (shape, dtype) in batch.items()}
+    return place(state, trainer.state_shardings), place(frozen, trainer.frozen_shardings), batch
+
+
+def run_jax(case: dict) -> dict:
+    """Our step. It is compiled ahead of time on abstract shapes, before the LM's weights are loaded (the
+    compiler's working memory is freed before the weights arrive), then run on the loaded weights."""
+    import jax
+
     from frozenlm_jax import load_lm
+    from frozenlm_jax.checkpoints import gguf as gguf_files
+    from frozenlm_jax.checkpoints.registry import NAMED_LMS, fetch_named
     from frozenlm_jax.models.frozen import Frozen
     from frozenlm_jax.models.lm import LMConfig
     from frozenlm_jax.models.vision import vision_config
@@ -317,42 +343,53 @@ def run_jax(case: dict) -> dict:
     from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
     from frozenlm_jax.train.step import init_params, make_trainer
 
-    start = time.perf_counter()
     lm_source, lm_dtype = case["lm"], case["lm_dtype"]
+    overrides = dict(dtype=lm_dtype, param_dtype=lm_dtype, remat=case["lm_remat"])
     if lm_source.startswith("random:"):
-        lm_config = LMConfig(**LM_PRESETS[lm_source.split(":", 1)[1]], dtype=lm_dtype, param_dtype=lm_dtype,
-                             remat=case["lm_remat"])
-        lm_params = None  # initialised on the device, in its sharding
-    else:
-        lm = load_lm(lm_source, dtype=lm_dtype, remat=case["lm_remat"])
-        lm_config, lm_params = lm.config, lm.params
+        lm_config = LMConfig(**LM_PRESETS[lm_source.split(":", 1)[1]], **overrides)
+    else:  # the config from the GGUF's metadata, as load_lm reads it, without the tensors
+        path = fetch_named(lm_source) if lm_source in NAMED_LMS else Path(lm_source)
+        lm_config = gguf_files.config_from_gguf(gguf_files.open_gguf(path), path, **overrides)
     model = Frozen(lm_config, vision_config(case["vision"]), case["prefix"])
     mesh = make_mesh({"data": -1})
     image_size, prefix, caption_len, batch_size = case["image_size"], case["prefix"], case["caption_len"], case["batch"]
     image_shape = (image_size, image_size, 3)
-    batch = make_batch(batch_size, image_size, prefix, caption_len, lm_config.vocab_size)
 
-    def build(return_frozen_grads, lm_params):
-        trainer = make_trainer(model, mesh, label_rules=VARIANT_LABEL_RULES["frozen"], image_shape=image_shape,
-                               optimizer_kwargs=dict(learning_rate=1e-4), max_targets=caption_len,
-                               return_frozen_grads=return_frozen_grads)
-        return trainer, init_params(trainer, jax.random.key(0), lm_params, image_shape)
+    def build(return_frozen_grads):
+        return make_trainer(model, mesh, label_rules=VARIANT_LABEL_RULES["frozen"], image_shape=image_shape,
+                            optimizer_kwargs=dict(learning_rate=1e-4), max_targets=caption_len,
+                            return_frozen_grads=return_frozen_grads)
 
-    trainer, (state, frozen) = build(False, lm_params)
-    del lm_params  # init_params copied them: keep one copy, as the reference does
-    if not lm_source.startswith("random:"):
-        del lm
-    sharded = trainer.shard_batch(batch)
-    jax.block_until_ready((state, frozen, sharded))
-    result = {"load_init_s": round(time.perf_counter() - start, 1)}
+    trainer = build(False)
+    result = {}
     rss = PeakRSS()
-    rss.next_phase("first_step")
+    rss.current = "compile"
     start = time.perf_counter()
-    compiled = trainer.step.lower(state, frozen, sharded).compile(compiler_options=compiler_options(case))
+    abstract = abstract_step_args(trainer, batch_size, prefix + caption_len, image_shape)
+    compiled = trainer.step.lower(*abstract).compile(compiler_options=compiler_options(case))
     result["compile_s"] = round(time.perf_counter() - start, 1)
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     result["xla_flops"] = analysis["flops"]
+
+    rss.next_phase("setup")
+    start = time.perf_counter()
+    if lm_source.startswith("random:"):
+        lm_params = None  # initialised on the device, in its sharding
+    else:
+        lm = load_lm(lm_source, dtype=lm_dtype, remat=case["lm_remat"])
+        if lm.config != lm_config:
+            raise RuntimeError(f"load_lm's config {lm.config} differs from the GGUF metadata's {lm_config}")
+        lm_params = lm.params
+        del lm
+    state, frozen = init_params(trainer, jax.random.key(0), lm_params, image_shape)
+    del lm_params  # init_params shares frozen leaves: one copy of the LM, as the reference holds
+    batch = make_batch(batch_size, image_size, prefix, caption_len, lm_config.vocab_size)
+    sharded = trainer.shard_batch(batch)
+    jax.block_until_ready((state, frozen, sharded))
+    result["load_init_s"] = round(time.perf_counter() - start, 1)
+
+    rss.next_phase("first_step")
     times = []
     for i in range(case["steps"] + case["warmup"]):
         if i == 1:
@@ -372,12 +409,11 @@ def run_jax(case: dict) -> dict:
     result["device"] = str(jax.devices()[0].device_kind)
     if case.get("lm_weight_grad_flops"):
         # The same step asked to also return the LM's weight gradients: what freezing by argument saves.
-        trainer2, (state2, frozen2) = build(True, frozen["lm"])
-        analysis = trainer2.step.lower(state2, frozen2, trainer2.shard_batch(batch)).compile(
-            compiler_options=compiler_options(case)).cost_analysis()
+        trainer2 = build(True)
+        analysis = trainer2.step.lower(*abstract_step_args(trainer2, batch_size, prefix + caption_len, image_shape)
+                                       ).compile(compiler_options=compiler_options(case)).cost_analysis()
         analysis = analysis[0] if isinstance(analysis, list) else analysis
         result["xla_flops_with_lm_weight_grads"] = analysis["flops"]
-    del jnp
     return result
 
 
@@ -596,7 +632,8 @@ def summarise(case: dict, runs: dict[str, list[dict]], lm: dict, vision: dict, p
                "tokens_per_s": round(tokens / step_s, 1),
                "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
                **{k: max(r.get(k, 0) for r in results)
-                  for k in ("setup_peak_rss_mib", "first_step_peak_rss_mib", "step_peak_rss_mib")},
+                  for k in ("compile_peak_rss_mib", "setup_peak_rss_mib", "first_step_peak_rss_mib",
+                            "step_peak_rss_mib")},
                "rounds_step_s": [round(statistics.median(r["step_times_s"]), 4) for r in results],
                "loss": results[0]["loss"], "analytic_tflops_per_s": round(flops["total"] / step_s / 1e12, 3)}
         for key in ("rss_after_setup_mib", "compile_s", "first_step_s", "load_init_s", "matmul_tflops", "device", "xla_flops",
@@ -644,8 +681,12 @@ def main():
     parser.add_argument("--lm_dtype", default="float32")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per child (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="A B rounds (each implementation once per round)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="A B rounds (each implementation once per round); the median of 3 survives one round "
+                             "slowed by another process")
     parser.add_argument("--all", action="store_true", help="also batch 8, bf16 LM and NF-ResNet-50 at 224 px")
+    parser.add_argument("--only", default="", help=f"run only these cases of --all (comma-separated, of "
+                                                     f"{', '.join(ALL_CASES)}), not the headline")
     parser.add_argument("--impls", default="jax,torch", help="which implementations to run")
     parser.add_argument("--torch_compile", action="store_true", help="the reference under torch.compile")
     parser.add_argument("--clipcap", action="store_true",
@@ -676,9 +717,14 @@ def main():
                 lm_remat=args.lm_remat, cpu_scheduler=args.cpu_scheduler, xla_flags=args.xla_flags,
                 lm_weight_grad_flops=args.lm_weight_grad_flops)
     cases = [dict(base, batch=int(b), name=f"batch {b}") for b in args.batches.split(",")]
-    if args.all:
-        cases += [dict(base, batch=int(args.batches.split(",")[0]), name=name) | change
-                  for name, change in ALL_CASES.items()]
+    extra = list(ALL_CASES) if args.all else []
+    if args.only:
+        extra = [name.strip() for name in args.only.split(",")]
+        unknown = [name for name in extra if name not in ALL_CASES]
+        if unknown:
+            sys.exit(f"unknown case(s) {unknown} in --only; cases: {', '.join(ALL_CASES)}")
+        cases = []
+    cases += [dict(base, batch=int(args.batches.split(",")[0]), name=name) | ALL_CASES[name] for name in extra]
     lm = resolve_lm_config(args.lm)
     reference = "torch.compile" if args.torch_compile else "torch eager"
     if args.clipcap:
@@ -704,6 +750,9 @@ def main():
     load = os.getloadavg()
     print(f"\n# load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(markdown(rows, reference))
+    for row in rows:
+        rounds = "; ".join(f"{impl} {row[impl]['rounds_step_s']}" for impl in ("jax", "torch") if impl in row)
+        print(f"{row['case']}: per-round median step s: {rounds}")
     for row in rows:
         if "jax" in row:
             flops = row["analytic_flops"]

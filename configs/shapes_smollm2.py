@@ -1,14 +1,18 @@
 """The embedded default (README's main job): frozen SmolLM2-135M, a small NF-ResNet, n = 2, the shapes world.
 
     python -m frozenlm_jax.train --config=configs/shapes_smollm2.py --workdir=/tmp/frozen_shapes
+
+An argument picks the paper's variant (README, "The Frozen experiment, in miniature"):
+`configs/shapes_smollm2.py:train_blind` (blank images), `:finetuned` (the LM trains too, at
+`optimizer.lm_learning_rate`), `:scratch` (the LM starts from random weights and trains).
 """
 
 from frozenlm_jax.train.config import default_config
 
 
-def get_config(arg=None):
-    del arg
+def get_config(variant=None):
     c = default_config()
+    c.model.variant = variant or "frozen"
     c.lm.source = "smollm2-135m"
     c.vision.encoder = "nf_resnet_small"
     c.vision.image_size = 64

@@ -110,6 +110,17 @@ def test_unknown_config_keys_fail_fast(data_dir):
         config.train.num_stepz = 3
 
 
+def test_default_config_takes_the_variant_as_its_argument():
+    import shapes_smollm2
+
+    assert shapes_smollm2.get_config().model.variant == "frozen"
+    blind = shapes_smollm2.get_config("train_blind")
+    assert blind.model.variant == "train_blind"
+    validate_config(blind)
+    with pytest.raises(ValueError, match="model.variant 'trainblind' is not one of frozen, finetuned"):
+        validate_config(shapes_smollm2.get_config("trainblind"))
+
+
 def test_nan_loss_stops_with_a_clear_message(data_dir, tmp_path):
     config = tiny_config(data_dir, num_steps=6, log_every=1, checkpoint_every=2)
     config.optimizer.learning_rate = 1e12

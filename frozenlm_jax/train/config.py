@@ -86,11 +86,15 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raise naming every key of `config` that `default_config()` does not have."""
+    """Raise naming every key of `config` that `default_config()` does not have, or an unknown variant."""
+    from frozenlm_jax.models.frozen import VARIANTS
+
     unknown = _unknown_keys(config, default_config(), "")
     if unknown:
         raise ValueError(f"unknown config key(s): {', '.join(unknown)}; the known keys are those of "
                          "frozenlm_jax.train.config.default_config()")
+    if config.model.variant not in VARIANTS:
+        raise ValueError(f"model.variant {config.model.variant!r} is not one of {', '.join(VARIANTS)}")
 
 
 def _unknown_keys(config, reference, prefix):

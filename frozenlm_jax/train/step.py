@@ -169,8 +169,11 @@ def init_params(trainer: Trainer, rng, lm_params=None, image_shape=None, vision_
         lm = DecoderLM(model.lm_config)
         lm_params = jax.jit(lambda r: nn.unbox(lm.init(r, jnp.zeros((1, 1), jnp.int32))["params"]),
                             out_shardings=shardings["lm"])(lm_rng)
-    else:  # a copy: trainable LM leaves (finetuned) are donated by the step
-        lm_params = jax.device_put(lm_params, shardings["lm"], may_alias=False)
+    else:
+        # Trainable LM leaves (finetuned) are donated by the step, so they are copied; frozen leaves are
+        # shared with the caller (a copy would hold a frozen LM twice).
+        lm_params = jax.tree.map(lambda x, s, label: jax.device_put(x, s, may_alias=label == "frozen"),
+                                 lm_params, shardings["lm"], trainer.labels["lm"])
     params = {"vision": vision_params, "lm": lm_params}
     trainable, frozen = split_params(params, trainer.labels)
     opt_state = jax.jit(trainer.optimizer.init, out_shardings=trainer.state_shardings.opt_state)(params)
