@@ -74,14 +74,17 @@ def run_jax(lm: str, prompts, max_new_tokens: int, repeats: int) -> dict:
         loaded = load_lm(lm)
         model, params = loaded.model, loaded.params
         pad_id = loaded.tokenizer.pad_id if getattr(loaded.tokenizer, "pad_id", None) is not None else 0
+    tokens, timing = time_calls(
+        lambda: greedy_generate(model, params, prompts, max_new_tokens, eos_id=None, pad_id=pad_id), repeats)
+    return {"tokens": tokens, **timing}
+
+
+def time_calls(call, repeats: int):
+    """(the first call's result, {first_call_s, times_s of `repeats` more calls, peak RSS of each phase})."""
     rss = PeakRSS()
     rss.next_phase("first_step")
-
-    def call():
-        return greedy_generate(model, params, prompts, max_new_tokens, eos_id=None, pad_id=pad_id)
-
     start = time.perf_counter()
-    tokens = call()
+    result = call()
     first = time.perf_counter() - start
     rss.next_phase("step")
     times = []
@@ -89,8 +92,7 @@ def run_jax(lm: str, prompts, max_new_tokens: int, repeats: int) -> dict:
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    return {"first_call_s": round(first, 2), "times_s": [round(t, 4) for t in times], "tokens": tokens,
-            **rss.result()}
+    return result, {"first_call_s": round(first, 2), "times_s": [round(t, 4) for t in times], **rss.result()}
 
 
 def run_torch(lm: str, lm_config: dict, prompts, max_new_tokens: int, repeats: int) -> dict:
@@ -106,8 +108,6 @@ def run_torch(lm: str, lm_config: dict, prompts, max_new_tokens: int, repeats: i
     for row, prompt in enumerate(prompts):
         ids[row, length - len(prompt):] = torch.tensor(prompt)
         mask[row, length - len(prompt):] = 1
-    rss = PeakRSS()
-    rss.next_phase("first_step")
 
     def call():
         with torch.inference_mode():
@@ -115,17 +115,8 @@ def run_torch(lm: str, lm_config: dict, prompts, max_new_tokens: int, repeats: i
                                   min_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
                                   use_cache=True)
 
-    start = time.perf_counter()
-    out = call()
-    first = time.perf_counter() - start
-    rss.next_phase("step")
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return {"first_call_s": round(first, 2), "times_s": [round(t, 4) for t in times],
-            "tokens": out[:, length:].tolist(), "torch_threads": torch.get_num_threads(), **rss.result()}
+    out, timing = time_calls(call, repeats)
+    return {"tokens": out[:, length:].tolist(), "torch_threads": torch.get_num_threads(), **timing}
 
 
 def main():
