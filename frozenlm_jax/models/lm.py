@@ -167,7 +167,10 @@ class Attention(nn.Module):
     config: LMConfig
 
     @nn.compact
-    def __call__(self, x, kv_cache, rope, mask, write_index):
+    def __call__(self, x, kv_cache, rope, mask, write_index, layer=None):
+        """kv_cache: this layer's cache (k/v [B, S, kv_heads, head_dim]), or with `layer` the stacked cache of
+        all layers ([layers, B, S, ...]), which is then updated in place (returning each layer's updated copy
+        to be stacked again would copy the whole cache at every decoding step)."""
         cfg = self.config
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias or cfg.family == "gpt2"
@@ -179,11 +182,16 @@ class Attention(nn.Module):
         v = dense((kvh, hd), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), "v_proj")(x)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        new_cache = None
         if kv_cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv_cache["k"], k.astype(kv_cache["k"].dtype), write_index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v.astype(kv_cache["v"].dtype), write_index, 1)
-            new_cache = {"k": k, "v": v}
+            entries = {"k": k, "v": v}
+            if layer is None:
+                kv_cache = {n: jax.lax.dynamic_update_slice_in_dim(kv_cache[n], entries[n].astype(kv_cache[n].dtype),
+                                                                   write_index, 1) for n in entries}
+                k, v = kv_cache["k"], kv_cache["v"]
+            else:
+                kv_cache = {n: jax.lax.dynamic_update_slice(kv_cache[n], entries[n][None].astype(kv_cache[n].dtype),
+                                                            (layer, 0, write_index, 0, 0)) for n in entries}
+                k, v = kv_cache["k"][layer], kv_cache["v"][layer]
             k, v = k.astype(cfg.dtype), v.astype(cfg.dtype)
         b, t = q.shape[:2]
         q = q.reshape(b, t, kvh, h // kvh, hd)
@@ -196,7 +204,7 @@ class Attention(nn.Module):
             cfg.hidden_size, axis=(-2, -1), use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             kernel_init=_init(cfg.init_std, ("heads", "head_dim", "embed")), bias_init=_zeros(("embed",)),
             name="o_proj")(out)
-        return out, new_cache
+        return out, kv_cache
 
 
 class MLP(nn.Module):
@@ -225,14 +233,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer. Returns (hidden, updated layer KV cache or None)."""
+    """One pre-norm transformer layer. Returns (hidden, updated KV cache or None); see `Attention`."""
 
     config: LMConfig
 
     @nn.compact
-    def __call__(self, x, kv_cache, rope, mask, write_index):
+    def __call__(self, x, kv_cache, rope, mask, write_index, layer=None):
         attn_out, new_cache = Attention(self.config, name="attn")(
-            Norm(self.config, name="attn_norm")(x), kv_cache, rope, mask, write_index)
+            Norm(self.config, name="attn_norm")(x), kv_cache, rope, mask, write_index, layer)
         x = x + attn_out
         x = x + MLP(self.config, name="mlp")(Norm(self.config, name="mlp_norm")(x))
         return nn.with_logical_constraint(x, HIDDEN_AXES), new_cache
@@ -342,12 +350,9 @@ class DecoderLM(nn.Module):
         if cfg.scan_layers:
             x, new_kv = self.layers(x, kv, rope, mask, write_index)
         else:
-            new_layers = []
+            new_kv = kv
             for i, layer in enumerate(self.layers):
-                layer_kv = None if kv is None else jax.tree.map(lambda a: a[i], kv)
-                x, layer_kv = layer(x, layer_kv, rope, mask, write_index)
-                new_layers.append(layer_kv)
-            new_kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
+                x, new_kv = layer(x, new_kv, rope, mask, write_index, i)
         h = self.final_norm(x)
         out = h if return_hidden else self.logits(h)
         if cache is None:
