@@ -1,6 +1,7 @@
 """How many examples does an encoder need to tell shapes apart when supervised directly (no LM)?
 
     python experiments/shape_probe.py [--encoder=nf_resnet_small] [--lr=3e-3] [--batch=16] [--steps=3000]
+    python experiments/shape_probe.py --encoder=convnet_small --overrides='{}' --lr=1e-3 --steps=600
 
 Trains `encoder` + a linear head with multi-label cross-entropy on which colours and shape kinds a
 shapes-world scene contains (fresh scenes, each seen once), and prints every `steps // 6` steps how often
@@ -23,6 +24,7 @@ import optax
 
 from frozenlm_jax.data import shapes_world as world
 from frozenlm_jax.models.vision import build_encoder, vision_config
+from frozenlm_jax.train.step import merge_params
 
 
 def scenes_and_labels(count: int, stream: int, image_size: int, num_objects: int | None):
@@ -61,18 +63,21 @@ def main():
     images, kinds, colors = scenes_and_labels(args.steps * args.batch, 0, args.image_size, args.num_objects)
     test_images, test_kinds, test_colors = scenes_and_labels(512, 1, args.image_size, args.num_objects)
     probe = Probe(config, len(world.KINDS) + len(world.COLORS))
-    params = probe.init(jax.random.key(0), images[:2])
+    params = {"params": nn.unbox(probe.init(jax.random.key(0), images[:2])["params"])}
     optimizer = optax.adam(args.lr)
     opt_state = optimizer.init(params)
 
     def loss_fn(params, x, labels):
-        return optax.sigmoid_binary_cross_entropy(probe.apply(params, x), labels).mean()
+        # A training pass: batch-normalised encoders (convnet_*) also return their updated running statistics.
+        logits, updated = probe.apply(params, x, mutable=["batch_stats"])
+        return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), updated.get("batch_stats", {})
 
     @jax.jit
     def step(params, opt_state, x, labels):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, labels)
+        (loss, running_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, labels)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        params = optax.apply_updates(params, updates)
+        return merge_params(params, {"params": running_stats}), opt_state, loss
 
     predict = jax.jit(probe.apply)
     start = time.perf_counter()

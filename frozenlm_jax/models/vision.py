@@ -1,4 +1,5 @@
-"""Vision encoders by name: normalizer-free ResNets (Brock et al., 2021) and ViTs (`models/vit.py`).
+"""Vision encoders by name: normalizer-free ResNets (Brock et al., 2021), ViTs (`models/vit.py`) and a
+batch-normalised VGG-style CNN (`models/convnet.py`).
 
 `NFResNet(config)(images)` maps float images [N, H, W, 3] to pooled features [N, C]: scaled weight
 standardisation, scalar skip gains, no BatchNorm. `VISION_CONFIGS` is the registry of every encoder
@@ -16,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from frozenlm_jax.models.convnet import CONVNET_CONFIGS, ConvNet, ConvNetConfig
 from frozenlm_jax.models.vit import VIT_CONFIGS, ViT, ViTConfig
 
 # ReLU scaled so a unit-Gaussian input keeps unit variance: sqrt(2 / (1 - 1/pi)).
@@ -85,8 +87,8 @@ NF_RESNET_CONFIGS = {
                                    stem_kernel=3, stem_stride=2, stem_pool=False),
 }
 
-EncoderConfig = VisionConfig | ViTConfig
-VISION_CONFIGS: dict[str, EncoderConfig] = {**NF_RESNET_CONFIGS, **VIT_CONFIGS}
+EncoderConfig = VisionConfig | ViTConfig | ConvNetConfig
+VISION_CONFIGS: dict[str, EncoderConfig] = {**NF_RESNET_CONFIGS, **VIT_CONFIGS, **CONVNET_CONFIGS}
 
 
 def vision_config(name: str, **overrides) -> EncoderConfig:
@@ -240,4 +242,4 @@ class NFResNet(nn.Module):
         return act(x).astype(jnp.float32).mean(axis=(1, 2))
 
 
-FAMILIES = {"nf_resnet": (VisionConfig, NFResNet), "vit": (ViTConfig, ViT)}
+FAMILIES = {"nf_resnet": (VisionConfig, NFResNet), "vit": (ViTConfig, ViT), "convnet": (ConvNetConfig, ConvNet)}

@@ -104,12 +104,15 @@ def make_trainer(model: Frozen, mesh: Mesh, *, label_rules, optimizer_kwargs: di
     argnums = (0, 1) if return_frozen_grads else 0
 
     def nll_sum(trainable, frozen, batch):
-        _, metrics = model.apply({"params": merge_params(trainable, frozen)}, batch, max_targets=max_targets,
-                                 method=Frozen.loss)
-        return metrics["nll_sum"], metrics
+        # A training pass: batch-normalised encoders normalise by the batch and return their updated running
+        # statistics in the `batch_stats` collection (models/convnet.py); other encoders return nothing there.
+        (_, metrics), updated = model.apply({"params": merge_params(trainable, frozen)}, batch,
+                                            max_targets=max_targets, method=Frozen.loss, mutable=["batch_stats"])
+        return metrics["nll_sum"], (metrics, updated.get("batch_stats", {}))
 
     def summed_grads(params, frozen, batch):
-        """Gradients of the summed NLL and the summed metrics, over `grad_accum_steps` microbatches."""
+        """Gradients of the summed NLL, the summed metrics and the summed running statistics, over
+        `grad_accum_steps` microbatches."""
         grad_fn = jax.grad(nll_sum, argnums=argnums, has_aux=True)
         if grad_accum_steps == 1:
             return grad_fn(params, frozen, batch)
@@ -125,7 +128,9 @@ def make_trainer(model: Frozen, mesh: Mesh, *, label_rules, optimizer_kwargs: di
         return jax.lax.scan(accumulate, zeros, micro)[0]
 
     def train_step(state: TrainState, frozen, batch):
-        grads, metrics = summed_grads(state.params, frozen, batch)
+        grads, (metrics, running_stats) = summed_grads(state.params, frozen, batch)
+        # Each microbatch moved the same running statistics towards its own batch's: average the moves.
+        running_stats = jax.tree.map(lambda s: s / grad_accum_steps, running_stats)
         count = jnp.maximum(metrics["num_targets"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         metrics = dict(metrics, loss=metrics["nll_sum"] / count)
@@ -136,7 +141,8 @@ def make_trainer(model: Frozen, mesh: Mesh, *, label_rules, optimizer_kwargs: di
         full_grads = merge_params(grads, jax.tree.map(jnp.zeros_like, frozen))
         updates, opt_state = optimizer.update(full_grads, state.opt_state, merge_params(state.params, frozen))
         updates, _ = split_params(updates, labels)
-        params = optax.apply_updates(state.params, updates)
+        # Running statistics get no gradient (a zero update): they become what the training pass computed.
+        params = merge_params(optax.apply_updates(state.params, updates), running_stats)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
