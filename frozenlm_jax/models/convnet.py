@@ -2,7 +2,8 @@
 
 `ConvNet(config)(images)` maps float images [N, H, W, 3] to mean-pooled features [N, widths[-1]]: stages
 of `convs_per_stage` 3x3 convs, each followed by batch norm and ReLU, with a 2x2 max-pool after every
-stage. Batch norm is what lets it learn shape from few examples (README, "The default run, measured").
+stage. Batch norm lets a directly supervised CNN learn shape from few examples; through the frozen LM it
+did not, in the default run's budget (README, "The default run, measured").
 
 Its running statistics are parameters (`running_mean`, `running_var`), so they are checkpointed, exported
 and loaded with the other vision weights. A forward pass with the `batch_stats` collection mutable is a
