@@ -207,3 +207,11 @@ def test_episodes_are_written_read_and_prompted(tmp_path, flavour):
         assert example["images"].shape == (7, 32, 32, 3) and example["image_mask"].all()
         answer_ids = example["tokens"][example["loss_mask"]]
         assert layout.tokenizer.decode(answer_ids) == f" {ep['answer']}<|endoftext|>"
+
+
+def test_single_object_config_draws_one_object_per_scene():
+    single = next(c for c in shapes.FrozenShapes.BUILDER_CONFIGS if c.name == "64_single")
+    default = next(c for c in shapes.FrozenShapes.BUILDER_CONFIGS if c.name == "64")
+    counts = [len(shapes.scene_for(single, "train", i)[0].shapes) for i in range(50)]
+    assert counts == [1] * 50
+    assert {len(shapes.scene_for(default, "train", i)[0].shapes) for i in range(50)} == {1, 2, 3}

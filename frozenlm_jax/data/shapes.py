@@ -32,6 +32,7 @@ class FrozenShapesConfig(tfds.core.BuilderConfig):
     num_validation: int = 1_000
     num_test: int = 1_000
     seed: int = 0
+    num_objects: int | None = None  # objects per scene; None: 1-3
 
     def __post_init__(self):
         if not 16 <= self.image_size <= 224:
@@ -41,7 +42,7 @@ class FrozenShapesConfig(tfds.core.BuilderConfig):
 def scene_for(config: FrozenShapesConfig, split: str, index: int):
     """The scene, captions and rng state for example `index` of `split`: the single source of truth."""
     rng = np.random.default_rng([config.seed, SPLIT_IDS[split], index])
-    scene = world.sample_scene(rng)
+    scene = world.sample_scene(rng, config.num_objects)
     return scene, world.captions(scene, rng)
 
 
@@ -53,6 +54,8 @@ class FrozenShapes(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [
         FrozenShapesConfig(name="64", description="64x64 pixels, 24k train examples (the default)."),
         FrozenShapesConfig(name="64_large", description="64x64 pixels, 240k train examples.", num_train=240_000),
+        FrozenShapesConfig(name="64_single", description="64x64 pixels, one object per scene, 24k train examples.",
+                           num_objects=1),
         FrozenShapesConfig(name="128", description="128x128 pixels, 24k train examples.", image_size=128),
         FrozenShapesConfig(name="224", description="224x224 pixels, 24k train examples.", image_size=224),
         FrozenShapesConfig(name="tiny", description="16x16 pixels, 512 train examples: for tests (configs/tiny.py).",
