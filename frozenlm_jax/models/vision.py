@@ -17,14 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from frozenlm_jax.models.convnet import CONVNET_CONFIGS, ConvNet, ConvNetConfig
+from frozenlm_jax.models.convnet import CONV_AXES, CONVNET_CONFIGS, IMAGE_AXES, ConvNet, ConvNetConfig
 from frozenlm_jax.models.vit import VIT_CONFIGS, ViT, ViTConfig
 
 # ReLU scaled so a unit-Gaussian input keeps unit variance: sqrt(2 / (1 - 1/pi)).
 RELU_GAMMA = math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
 TIMM_RELU_GAMMA = 1.7139588594436646  # timm's (and DeepMind's nfnets') sampled estimate of the same constant
-CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
-IMAGE_AXES = ("activation_batch", None, None, None)
 STYLES = ("deepmind", "timm")
 
 
