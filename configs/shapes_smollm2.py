@@ -1,4 +1,4 @@
-"""The embedded default (README's main job): frozen SmolLM2-135M, a small NF-ResNet, n = 2, the shapes world.
+"""The embedded default (README's main job): frozen SmolLM2-135M, a small max-pooled CNN, n = 2, the shapes world.
 
     python -m frozenlm_jax.train --config=configs/shapes_smollm2.py --workdir=/tmp/frozen_shapes
 
@@ -14,17 +14,20 @@ def get_config(variant=None):
     c = default_config()
     c.model.variant = variant or "frozen"
     c.lm.source = "smollm2-135m"
-    c.vision.encoder = "nf_resnet_small"
+    # A batch-normalised CNN, max-pooled: the mean-pooled NF-ResNet and CNN named shapes barely above chance
+    # (README, "The default run, measured").
+    c.vision.encoder = "convnet_small"
+    c.vision.pool = "max"
     c.vision.image_size = 64
-    c.vision.skip_gain_init = 1.0  # residual branches on from the start: faster to learn than 0 (measured)
     c.model.num_prefix_tokens = 2
     c.model.prefix_init_std = 0.14  # SmolLM2's token embeddings have std 0.136 per entry
-    c.data.max_len = 18  # 2 prefix slots + up to 16 caption tokens
+    c.data.max_len = 14  # 2 prefix slots + 12 caption tokens (63 % of captions fit whole; the rest are cut)
     c.data.caption_choice = "first"  # the plain listing ("a red circle and two blue squares"): all signal
-    c.optimizer.learning_rate = 3e-3
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.prefix_learning_rate = 5e-3  # the projection learns faster than the encoder: colours 0.98 vs 0.70
     c.optimizer.warmup_steps = 20
     c.train.batch_size = 16
-    c.train.num_steps = 600  # about 10 minutes of steps on 2 cores (1.0-1.3 s/step)
+    c.train.num_steps = 600  # about 12 minutes of steps on 2 cores (1.17 s/step)
     c.train.eval_every = 300
     c.train.eval_batches = 2
     c.train.checkpoint_every = 300

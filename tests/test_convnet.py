@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import traverse_util
 
 from frozenlm_jax.models.convnet import ConvNet
@@ -12,8 +13,10 @@ from frozenlm_jax.models.frozen import Frozen
 from frozenlm_jax.models.lm import DecoderLM, LMConfig
 from frozenlm_jax.models.vision import build_encoder, vision_config
 from frozenlm_jax.parallel import make_mesh
+from frozenlm_jax.train.config import default_config
 from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
 from frozenlm_jax.train.step import init_params, make_trainer
+from frozenlm_jax.train.trainer import encoder_config
 
 CONFIG = vision_config("convnet_tiny")
 LM = LMConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -87,3 +90,31 @@ def test_step_writes_the_running_statistics_of_its_training_pass():
     # The other vision params trained.
     assert not np.allclose(after["vision/encoder/stage0_conv0/kernel"],
                            flat(before)["vision/encoder/stage0_conv0/kernel"])
+
+
+@pytest.mark.parametrize("name", ["convnet_tiny", "nf_resnet_tiny"])
+def test_max_pool_takes_the_largest_activation_of_the_same_feature_map(name):
+    mean_model, max_model = build_encoder(vision_config(name)), build_encoder(vision_config(name, pool="max"))
+    params = {"params": nn.unbox(mean_model.init(jax.random.key(0), images(0, 1))["params"])}
+    x = images(2)
+    mean, top = mean_model.apply(params, x), max_model.apply(params, x)
+    assert top.shape == mean.shape
+    assert np.all(top >= mean - 1e-6) and np.mean(top > mean + 1e-3) > 0.5
+    # One bright corner on a blank image moves the max-pooled features at least as much as the mean-pooled.
+    blank, spot = np.zeros((1,) + IMAGE, np.float32), np.zeros((1,) + IMAGE, np.float32)
+    spot[0, :3, :3] = 1.0
+    moved = lambda model: np.abs(model.apply(params, spot) - model.apply(params, blank)).max()  # noqa: E731
+    assert moved(max_model) >= moved(mean_model)
+
+
+def test_pool_choice_is_checked():
+    with pytest.raises(ValueError, match="unknown pool 'min'; supported: mean, max"):
+        vision_config("convnet_tiny", pool="min")
+    with pytest.raises(ValueError, match="unknown pool 'avg'; supported: mean, max"):
+        vision_config("nf_resnet_tiny", pool="avg")
+    config = default_config()
+    config.vision.encoder, config.vision.pool = "convnet_tiny", "max"
+    assert encoder_config(config).pool == "max"
+    config.vision.encoder = "vit_tiny"
+    with pytest.raises(ValueError, match="vit config 'vit_tiny': unknown pool 'max'; supported: cls, mean, tokens"):
+        encoder_config(config)

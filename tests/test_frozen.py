@@ -11,7 +11,7 @@ from frozenlm_jax.models.frozen import Frozen, check_batch
 from frozenlm_jax.models.lm import DecoderLM, LMConfig
 from frozenlm_jax.models.vision import NFResNet, vision_config
 from frozenlm_jax.parallel import make_mesh
-from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES, param_labels
+from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES, param_labels, with_prefix_rule
 from frozenlm_jax.train.step import init_params, make_trainer, merge_params
 
 LM = LMConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -87,6 +87,23 @@ def test_finetuned_variant_trains_the_lm(lm_params):
     before = np.array(state.params["lm"]["layers_0"]["mlp"]["up_proj"]["kernel"])
     state, _ = trainer.step(state, frozen, trainer.shard_batch(make_batch()))
     assert not np.array_equal(np.asarray(state.params["lm"]["layers_0"]["mlp"]["up_proj"]["kernel"]), before)
+
+
+def test_prefix_projection_learns_at_its_own_rate(lm_params):
+    """With the prefix rule, Adam's first step moves the projection by prefix_learning_rate per entry and the
+    encoder by learning_rate (a first Adam step is lr * g / |g|), and the LM not at all."""
+    model = Frozen(LM, VISION, N)
+    rules = with_prefix_rule(VARIANT_LABEL_RULES["frozen"])
+    trainer = make_trainer(model, single_device_mesh(), label_rules=rules, image_shape=IMAGE,
+                           optimizer_kwargs=dict(learning_rate=1e-4, prefix_learning_rate=3e-2, warmup_steps=0,
+                                                 grad_clip_norm=None, total_steps=100))
+    state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+    assert set(flat(param_labels(merge_params(state.params, frozen), rules)).values()) == {"vision", "prefix", "frozen"}
+    before = {path: np.array(value) for path, value in flat(state.params).items()}  # the step donates state
+    new, _ = trainer.step(state, frozen, trainer.shard_batch(make_batch()))
+    moved = {path: float(np.abs(np.asarray(flat(new.params)[path]) - value).max()) for path, value in before.items()}
+    np.testing.assert_allclose(moved["vision/prefix_proj/kernel"], 3e-2, rtol=1e-3)
+    np.testing.assert_allclose(moved["vision/encoder/stem/kernel"], 1e-4, rtol=1e-3)
 
 
 def test_overfits_a_small_batch(lm_params):

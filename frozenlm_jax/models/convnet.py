@@ -1,9 +1,10 @@
 """A VGG-style CNN with batch normalisation, for small images on small budgets.
 
-`ConvNet(config)(images)` maps float images [N, H, W, 3] to mean-pooled features [N, widths[-1]]: stages
-of `convs_per_stage` 3x3 convs, each followed by batch norm and ReLU, with a 2x2 max-pool after every
-stage. Batch norm lets a directly supervised CNN learn shape from few examples; through the frozen LM it
-did not, in the default run's budget (README, "The default run, measured").
+`ConvNet(config)(images)` maps float images [N, H, W, 3] to pooled features [N, widths[-1]]: stages of
+`convs_per_stage` 3x3 convs, each followed by batch norm and ReLU, with a 2x2 max-pool after every stage,
+then the mean (`pool="mean"`) or the max (`pool="max"`) over the last map's positions. Batch norm and the
+max together are what let the default run name shapes through the frozen LM (README, "The default run,
+measured"); mean-pooled, the same CNN did not.
 
 Its running statistics are parameters (`running_mean`, `running_var`), so they are checkpointed, exported
 and loaded with the other vision weights. A forward pass with the `batch_stats` collection mutable is a
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 NORMS = ("batch", "none")
+POOLS = ("mean", "max")
 CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 IMAGE_AXES = ("activation_batch", None, None, None)
 
@@ -37,6 +39,7 @@ class ConvNetConfig:
     widths: tuple[int, ...]
     convs_per_stage: int = 2
     norm: str = "batch"  # batch | none
+    pool: str = "mean"  # mean | max: how the last feature map becomes one vector
     bn_momentum: float = 0.9  # running statistics: momentum * old + (1 - momentum) * the batch's
     bn_eps: float = 1e-5
     dtype: str = "float32"
@@ -49,6 +52,9 @@ class ConvNetConfig:
         if self.norm not in NORMS:
             raise ValueError(f"convnet config {self.name!r}: unknown norm {self.norm!r}; supported: "
                              f"{', '.join(NORMS)}")
+        if self.pool not in POOLS:
+            raise ValueError(f"convnet config {self.name!r}: unknown pool {self.pool!r}; supported: "
+                             f"{', '.join(POOLS)}")
         if not 0.0 <= self.bn_momentum < 1.0:
             raise ValueError(f"convnet config {self.name!r}: bn_momentum {self.bn_momentum} must be in [0, 1)")
 
@@ -66,6 +72,12 @@ CONVNET_CONFIGS = {
     # Test-sized.
     "convnet_tiny": ConvNetConfig("convnet_tiny", widths=(8, 16)),
 }
+
+
+def pool(feature_map, kind: str):
+    """[N, H, W, C] -> [N, C]: the mean or the max over positions. Max keeps a small object's local
+    features (a corner, a point of a star) at full strength; the mean dilutes them by the object's area."""
+    return feature_map.max(axis=(1, 2)) if kind == "max" else feature_map.mean(axis=(1, 2))
 
 
 class BatchNorm(nn.Module):
@@ -99,7 +111,7 @@ class BatchNorm(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """Images [N, H, W, 3] -> mean-pooled features [N, config.num_features]."""
+    """Images [N, H, W, 3] -> pooled features [N, config.num_features]."""
 
     config: ConvNetConfig
 
@@ -118,4 +130,4 @@ class ConvNet(nn.Module):
                     x = BatchNorm(cfg.bn_momentum, cfg.bn_eps, cfg.param_dtype, name=f"{name}_bn")(x)
                 x = nn.with_logical_constraint(jax.nn.relu(x), IMAGE_AXES)
             x = nn.max_pool(x, (2, 2), (2, 2))
-        return x.astype(jnp.float32).mean(axis=(1, 2))
+        return pool(x.astype(jnp.float32), cfg.pool)

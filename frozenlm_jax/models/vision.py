@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from frozenlm_jax.models.convnet import CONV_AXES, CONVNET_CONFIGS, IMAGE_AXES, ConvNet, ConvNetConfig
+from frozenlm_jax.models.convnet import CONV_AXES, CONVNET_CONFIGS, IMAGE_AXES, POOLS, ConvNet, ConvNetConfig, pool
 from frozenlm_jax.models.vit import VIT_CONFIGS, ViT, ViTConfig
 
 # ReLU scaled so a unit-Gaussian input keeps unit variance: sqrt(2 / (1 - 1/pi)).
@@ -52,6 +52,7 @@ class VisionConfig:
     alpha: float = 0.2
     skip_gain_init: float = 0.0
     style: str = "deepmind"  # deepmind | timm
+    pool: str = "mean"  # mean | max: how the last feature map becomes one vector
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -62,6 +63,9 @@ class VisionConfig:
         if self.style not in STYLES:
             raise ValueError(f"vision config {self.name!r}: unknown style {self.style!r}; supported: "
                              f"{', '.join(STYLES)}")
+        if self.pool not in POOLS:
+            raise ValueError(f"vision config {self.name!r}: unknown pool {self.pool!r}; supported: "
+                             f"{', '.join(POOLS)}")
 
     @property
     def num_features(self) -> int:
@@ -213,7 +217,7 @@ class NFBlock(nn.Module):
 
 
 class NFResNet(nn.Module):
-    """Images [N, H, W, 3] -> mean-pooled features [N, config.num_features]."""
+    """Images [N, H, W, 3] -> pooled features [N, config.num_features] (mean-pooled as in the paper, or max)."""
 
     config: VisionConfig
 
@@ -237,7 +241,7 @@ class NFResNet(nn.Module):
                 # A transition block's shortcut re-normalises the signal; others add alpha^2 of variance.
                 expected_var = 1.0 + cfg.alpha ** 2 if index == 0 else expected_var + cfg.alpha ** 2
         act = jax.nn.relu if timm else gamma_relu
-        return act(x).astype(jnp.float32).mean(axis=(1, 2))
+        return pool(act(x).astype(jnp.float32), cfg.pool)
 
 
 FAMILIES = {"nf_resnet": (VisionConfig, NFResNet), "vit": (ViTConfig, ViT), "convnet": (ConvNetConfig, ConvNet)}

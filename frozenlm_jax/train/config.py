@@ -26,6 +26,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.vision.encoder = "nf_resnet_small"
     c.vision.image_size = 64
     c.vision.skip_gain_init = 0.0  # NF-ResNet residual-branch gains at init (0: each block starts as identity)
+    # How the encoder's output is pooled, empty: its default. NF-ResNet, convnet: mean | max; ViT: cls | mean | tokens
+    c.vision.pool = ""
     c.vision.init = ""  # a .safetensors of pretrained encoder weights (timm or HF ViT layout); empty: random init
 
     c.model = ml_collections.ConfigDict()
@@ -49,9 +51,11 @@ def default_config() -> ml_collections.ConfigDict:
     # so the batches do not depend on the number of hosts (every host must be able to read the whole split)
     c.data.host_order = "shard"
 
+    # prefix_learning_rate: 0 trains the prefix projection with the encoder; else at this rate, with its own
+    # AdamW and gradient clipping (label "prefix", optimizer.py)
     c.optimizer = ml_collections.ConfigDict(dict(
-        learning_rate=1e-3, lm_learning_rate=1e-5, warmup_steps=50, schedule_kind="cosine", weight_decay=0.0,
-        grad_clip_norm=1.0, b1=0.9, b2=0.999))
+        learning_rate=1e-3, lm_learning_rate=1e-5, prefix_learning_rate=0.0, warmup_steps=50,
+        schedule_kind="cosine", weight_decay=0.0, grad_clip_norm=1.0, b1=0.9, b2=0.999))
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32  # global

@@ -30,7 +30,7 @@ from frozenlm_jax.models.vision import vision_config
 from frozenlm_jax.parallel import make_mesh
 from frozenlm_jax.train.checkpointing import Checkpointer, fingerprint, write_json
 from frozenlm_jax.train.config import validate_config
-from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
+from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES, with_prefix_rule
 from frozenlm_jax.train.step import init_params, make_trainer, merge_params
 
 BATCH_AXES = ("data", "fsdp")
@@ -132,6 +132,16 @@ class Run:
     restore_s: float | None  # seconds spent restoring a checkpoint, if one was restored
 
 
+def encoder_config(config: ml_collections.ConfigDict):
+    """The vision encoder's config: `vision.encoder` with the `vision.*` fields that apply to its family."""
+    vision = vision_config(config.vision.encoder)
+    if vision.family == "nf_resnet":
+        vision = vision.replace(skip_gain_init=config.vision.skip_gain_init)
+    if config.vision.pool:
+        vision = vision.replace(pool=config.vision.pool)
+    return vision
+
+
 def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, step: int | str | None = None) -> Run:
     """Build the model and step of `config`; resume from `workdir`'s latest checkpoint, else
     `train.init_checkpoint`, else a fresh initialisation.
@@ -147,13 +157,13 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, step: in
     mesh = make_mesh(config.mesh.to_dict())
     lm_config, lm_params, tokenizer, lm_source = build_lm(config, mesh, rules)
     n = config.model.num_prefix_tokens
-    vision = vision_config(config.vision.encoder)
-    if vision.family == "nf_resnet":
-        vision = vision.replace(skip_gain_init=config.vision.skip_gain_init)
+    vision = encoder_config(config)
     model = Frozen(lm_config, vision, n, variant=config.model.variant,
                    prefix_init_std=config.model.prefix_init_std or None)
     image_shape = (config.vision.image_size, config.vision.image_size, 3)
     label_rules = tuple(tuple(r) for r in config.model.label_rules) or VARIANT_LABEL_RULES[config.model.variant]
+    if config.optimizer.prefix_learning_rate:
+        label_rules = with_prefix_rule(label_rules)
     trainer = make_trainer(model, mesh, label_rules=label_rules, image_shape=image_shape, rules=rules,
                            optimizer_kwargs=dict(config.optimizer.to_dict(), total_steps=config.train.num_steps),
                            max_targets=config.data.max_len - n, grad_accum_steps=config.train.grad_accum_steps)
