@@ -99,6 +99,9 @@ def test_short_answer():
     assert vqa.short_answer(" red.\nQuestion: what") == "red"
     assert vqa.short_answer("3.5 meters") == "3.5 meters"
     assert vqa.short_answer("two\nthree") == "two"
+    assert vqa.short_answer(" red Answer: blue Answer") == "red"
+    assert vqa.short_answer("yes Question: Is there") == "yes"
+    assert vqa.short_answer("Answers vary") == "Answers vary"
 
 
 # --- VQA prompting on the shapes VQA files ---

@@ -208,8 +208,9 @@ def _image(path: pathlib.Path, image_size: int, blind: bool) -> np.ndarray:
 
 
 def short_answer(text: str) -> str:
-    """A generation up to its first newline or sentence-ending period (a period inside a number stays)."""
-    return re.split(r"\n|\.(?!\d)", text, maxsplit=1)[0].strip()
+    """A generation up to its first newline, sentence-ending period (a period inside a number stays) or the
+    prompt's next field ("Question:", "Answer:"), which a model that does not stop writes next."""
+    return re.split(r"\n|\.(?!\d)|\b(?:Question|Answer):", text, maxsplit=1)[0].strip()
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
