@@ -1,10 +1,19 @@
 """Test setup: an 8-device simulated CPU mesh, and references that fail (not skip) under CI=true."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# A compilation cache for this session only: the subprocess tests (resume, the CLI, benchmarks) load what this
+# process already compiled instead of compiling it again (the SIGTERM-resume test: 66 s -> 30 s).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="frozenlm_jax_tests_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import pytest  # noqa: E402
 
