@@ -89,11 +89,13 @@ def main():
     load = os.getloadavg()
     print(f"# {cpu_model()}, {len(os.sched_getaffinity(0))} cores, load average {load[0]:.2f} {load[1]:.2f} "
           f"{load[2]:.2f} at start; llama-tiny width, vision {args.vision} at {args.image_size} px", flush=True)
+    # A persistent compilation cache (JAX_COMPILATION_CACHE_DIR, as the tests set) would time cache loads.
+    uncached_env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     rows = []
     for depth in [int(d) for d in args.depths.split(",")]:
         for scan in [s == "1" for s in args.scans.split(",")]:
             cmd = [sys.executable, __file__, *sys.argv[1:], f"--child={depth}:{int(scan)}"]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=uncached_env)
             if out.returncode:
                 sys.exit(f"child failed (depth {depth}, scan_layers={scan}):\n{out.stderr[-4000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
