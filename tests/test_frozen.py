@@ -104,6 +104,9 @@ def test_prefix_projection_learns_at_its_own_rate(lm_params):
     moved = {path: float(np.abs(np.asarray(flat(new.params)[path]) - value).max()) for path, value in before.items()}
     np.testing.assert_allclose(moved["vision/prefix_proj/kernel"], 3e-2, rtol=1e-3)
     np.testing.assert_allclose(moved["vision/encoder/stem/kernel"], 1e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="'lm/embed/embedding' matches no rule in \\['\\^vision/'\\]; add a rule "
+                                         "that labels it vision, prefix, lm, frozen"):
+        param_labels(merge_params(state.params, frozen), (("^vision/", "vision"),))
 
 
 def test_overfits_a_small_batch(lm_params):

@@ -41,7 +41,7 @@ def param_labels(params, rules: Sequence[tuple[str, str]]):
         label = next((lab for pattern, lab in compiled if pattern.search(path)), None)
         if label is None:
             raise ValueError(f"parameter {path!r} matches no rule in {[p for p, _ in rules]}; "
-                             "add a rule that labels it {', '.join(LABELS)}")
+                             f"add a rule that labels it {', '.join(LABELS)}")
         labels[path] = label
     return traverse_util.unflatten_dict(labels, sep="/")
 
