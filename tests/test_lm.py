@@ -1,5 +1,6 @@
 """The LM module on tiny random configs: cache, scan, padding, dtypes, head, decoding."""
 
+import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from frozenlm_jax.decode import greedy_generate
-from frozenlm_jax.models.lm import DecoderLM, LMConfig, RopeScaling, init_cache
+from frozenlm_jax.models.lm import DecoderLM, LMConfig, RopeScaling, accumulating_dot_general, init_cache
 
 LLAMA = LMConfig(family="llama", vocab_size=100, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
                  head_dim=16, intermediate_size=96, rope_theta=500.0,
@@ -120,6 +121,54 @@ def test_bfloat16_params_and_compute():
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, expected, atol=0.05)
 
+
+
+@pytest.mark.parametrize("lhs_shape, rhs_shape, contract", [
+    ((3, 5, 8), (8, 6), ((2,), (0,))),              # Dense
+    ((3, 5, 4, 2), (4, 2, 6), ((2, 3), (0, 1))),    # DenseGeneral over two axes (o_proj)
+    ((3, 5, 8), (6, 8), ((2,), (1,))),              # tied head: hidden x embedding^T
+    ((5, 4, 2), (7, 2, 4), ((1, 2), (2, 1))),       # contracted axes paired out of order
+], ids=["dense", "two_axes", "tied_head", "crossed"])
+def test_accumulating_dot_general_matches_float32_autodiff(lhs_shape, rhs_shape, contract):
+    rng = np.random.default_rng(0)
+    lhs = jnp.asarray(rng.normal(size=lhs_shape), jnp.bfloat16)
+    rhs = jnp.asarray(rng.normal(size=rhs_shape), jnp.bfloat16)
+    dims = (contract, ((), ()))
+    out_shape = jax.eval_shape(lambda a, b: jax.lax.dot_general(a, b, dims), lhs, rhs).shape
+    weights = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+
+    def loss(dot, a, b, w):
+        return (dot(a, b, dims).astype(jnp.float32) * w).sum()
+
+    got = jax.jit(jax.grad(lambda a, b, w: loss(accumulating_dot_general, a, b, w), argnums=(0, 1)))(lhs, rhs, weights)
+    up = lambda x: x.astype(jnp.float32)  # noqa: E731
+    expected = jax.grad(lambda a, b: loss(jax.lax.dot_general, a, b, weights), argnums=(0, 1))(up(lhs), up(rhs))
+    assert accumulating_dot_general(lhs, rhs, dims).dtype == jnp.bfloat16
+    assert accumulating_dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32).dtype == jnp.float32
+    for g, e, x in zip(got, expected, (lhs, rhs)):
+        assert g.dtype == x.dtype and g.shape == x.shape
+        # bfloat16 rounding of the cotangent and of the result: about 3 significant digits
+        np.testing.assert_allclose(up(g), e, rtol=0.02, atol=0.02 * float(jnp.abs(e).max()))
+
+
+def test_bfloat16_dots_accumulate_in_float32_on_cpu():
+    """Every LM matmul in bfloat16 reaches XLA as a bfloat16 x bfloat16 -> float32 dot in the forward pass and in
+    the backward pass (XLA:CPU upcasts bfloat16-result dots to float32 matmuls, at half the speed)."""
+    cfg = LLAMA.replace(dtype="bfloat16", param_dtype="bfloat16", tie_word_embeddings=True)
+    params = nn.unbox(DecoderLM(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    embeds = jnp.ones((2, 6, cfg.hidden_size), jnp.bfloat16)
+
+    def loss(x):
+        return jax.nn.logsumexp(DecoderLM(cfg).apply({"params": params}, inputs_embeds=x), axis=-1).mean()
+
+    hlo = jax.jit(jax.grad(loss)).lower(embeds).as_text()
+    # The weight matmuls: every dot without batch dimensions (attention's are batched over B and heads).
+    weight_dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line and "batching_dims" not in line]
+    # 7 per layer forward, 7 activation-gradient dots per layer backward (no weight gradients: not asked for),
+    # the tied head forward and backward
+    assert len(weight_dots) == 2 * 7 * cfg.num_layers + 2
+    for line in weight_dots:
+        assert re.search(r"\(tensor<[\dx]+xbf16>, tensor<[\dx]+xbf16>\) -> tensor<[\dx]+xf32>$", line.strip()), line
 
 def test_sliding_window_limits_attention():
     cfg = MISTRAL.replace(num_layers=1)

@@ -9,6 +9,7 @@ supports prefill then one-token extension. Every parameter carries logical axis 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -31,6 +32,69 @@ REMAT_POLICIES = {
 }
 # Logical names of the hidden-state activations, mapped to mesh axes by the rules in `parallel.py`.
 HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+
+def _ordered_dot(x, y, dimension_numbers, x_axes: list[int], y_axes: list[int], dtype):
+    """`dot_general(x, y)` whose uncontracted axes of x and y are axes `x_axes` and `y_axes` of a gradient: the
+    gradient in its own axis order, accumulated in float32, in `dtype`. One of the two operand orders usually
+    leaves the result in order; otherwise the dot runs in float32 and is transposed (XLA:CPU folds a transpose
+    into a bfloat16 x bfloat16 -> float32 dot and may then leave a dot its runtime cannot execute)."""
+    (x_contract, y_contract), _ = dimension_numbers
+    f32 = jnp.float32
+    if x_axes + y_axes == sorted(x_axes + y_axes):
+        return jax.lax.dot_general(x, y, dimension_numbers, preferred_element_type=f32).astype(dtype)
+    if y_axes + x_axes == sorted(y_axes + x_axes):
+        swapped = ((y_contract, x_contract), ((), ()))
+        return jax.lax.dot_general(y, x, swapped, preferred_element_type=f32).astype(dtype)
+    out = jax.lax.dot_general(x.astype(f32), y.astype(f32), dimension_numbers)
+    return out.transpose(np.argsort(x_axes + y_axes)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _f32_accumulating_dot(lhs, rhs, dimension_numbers, out_dtype):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _f32_accumulating_dot_fwd(lhs, rhs, dimension_numbers, out_dtype):
+    return _f32_accumulating_dot(lhs, rhs, dimension_numbers, out_dtype), (lhs, rhs)
+
+
+def _f32_accumulating_dot_bwd(dimension_numbers, out_dtype, residuals, cotangent):
+    lhs, rhs = residuals
+    (lhs_contract, rhs_contract), _ = dimension_numbers
+    lhs_contract = [a % lhs.ndim for a in lhs_contract]
+    rhs_contract = [a % rhs.ndim for a in rhs_contract]
+    lhs_free = [a for a in range(lhs.ndim) if a not in lhs_contract]
+    rhs_free = [a for a in range(rhs.ndim) if a not in rhs_contract]
+    n = len(lhs_free)  # the cotangent's axes: lhs_free, then rhs_free
+    cotangent = cotangent.astype(lhs.dtype)
+    grad_lhs = _ordered_dot(
+        cotangent, rhs, ((tuple(range(n, cotangent.ndim)), tuple(rhs_free)), ((), ())),
+        lhs_free, [lhs_contract[rhs_contract.index(a)] for a in sorted(rhs_contract)], lhs.dtype)
+    grad_rhs = _ordered_dot(
+        lhs, cotangent, ((tuple(lhs_free), tuple(range(n))), ((), ())),
+        [rhs_contract[lhs_contract.index(a)] for a in sorted(lhs_contract)], rhs_free, rhs.dtype)
+    return grad_lhs, grad_rhs
+
+
+_f32_accumulating_dot.defvjp(_f32_accumulating_dot_fwd, _f32_accumulating_dot_bwd)
+
+
+def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`jax.lax.dot_general` for low-precision operands that accumulates in float32 in the forward pass and in
+    both transposes, returning `preferred_element_type` (default: the operands' dtype).
+
+    XLA:CPU runs a bfloat16 dot at its bfloat16 speed only when the dot's result is float32; a bfloat16 result
+    (what `nn.Dense(dtype=bfloat16)` asks for) and the mixed float32 x bfloat16 transposes that autodiff makes
+    of a float32-result dot are upcast to float32 matmuls. GPUs and TPUs accumulate in float32 either way.
+    Float32 operands and dots with batch dimensions go to `jax.lax.dot_general` unchanged.
+    """
+    out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
+    if lhs.dtype == jnp.float32 or lhs.dtype != rhs.dtype or any(dimension_numbers[1]):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    return _f32_accumulating_dot(lhs, rhs, dimension_numbers, out_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +240,7 @@ class Attention(nn.Module):
         bias = cfg.attention_bias or cfg.family == "gpt2"
         dense = lambda feats, axes, bias_axes, name: nn.DenseGeneral(  # noqa: E731
             feats, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-            kernel_init=_init(cfg.init_std, axes), bias_init=_zeros(bias_axes))
+            dot_general=accumulating_dot_general, kernel_init=_init(cfg.init_std, axes), bias_init=_zeros(bias_axes))
         q = dense((h, hd), ("embed", "heads", "head_dim"), ("heads", "head_dim"), "q_proj")(x)
         k = dense((kvh, hd), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), "k_proj")(x)
         v = dense((kvh, hd), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), "v_proj")(x)
@@ -202,7 +266,8 @@ class Attention(nn.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
         out = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=_init(cfg.init_std, ("heads", "head_dim", "embed")), bias_init=_zeros(("embed",)),
+            dot_general=accumulating_dot_general, kernel_init=_init(cfg.init_std, ("heads", "head_dim", "embed")),
+            bias_init=_zeros(("embed",)),
             name="o_proj")(out)
         return out, kv_cache
 
@@ -218,7 +283,7 @@ class MLP(nn.Module):
         bias = cfg.mlp_bias or cfg.family == "gpt2"
         dense = lambda feats, axes, name: nn.Dense(  # noqa: E731
             feats, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-            kernel_init=_init(cfg.init_std, axes), bias_init=_zeros(axes[-1:]))
+            dot_general=accumulating_dot_general, kernel_init=_init(cfg.init_std, axes), bias_init=_zeros(axes[-1:]))
         act = ACTIVATIONS[cfg.activation]
         if cfg.family == "gpt2":
             return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(
@@ -292,7 +357,8 @@ class DecoderLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(
                 cfg.padded_vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                kernel_init=_init(cfg.init_std, ("embed", "vocab")), name="lm_head")
+                dot_general=accumulating_dot_general, kernel_init=_init(cfg.init_std, ("embed", "vocab")),
+                name="lm_head")
 
     def embed(self, input_ids):
         """Token embeddings [B, T, D] (where a visual prefix would be written)."""
@@ -302,7 +368,8 @@ class DecoderLM(nn.Module):
         """Float32 logits over the padded vocabulary; padded rows are the float32 minimum."""
         cfg = self.config
         if cfg.tie_word_embeddings:
-            out = self.embed_tokens.attend(hidden.astype(cfg.dtype))
+            embedding = self.embed_tokens.embedding.astype(cfg.dtype)
+            out = accumulating_dot_general(hidden.astype(cfg.dtype), embedding, (((hidden.ndim - 1,), (1,)), ((), ())))
         else:
             out = self.lm_head(hidden)
         out = out.astype(jnp.float32)
