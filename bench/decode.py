@@ -3,14 +3,15 @@ transformers' `generate` on the same prompts.
 
     python bench/decode.py                       # SmolLM2-135M, batch 1 and 16, 64 new tokens, 2 rounds
     python bench/decode.py --batches=1,16,64 --max_new_tokens=128
+    python bench/decode.py --dtype=bfloat16         # bfloat16 weights and compute, both implementations
     python bench/decode.py --lm=random:llama-tiny --batches=2 --max_new_tokens=4 --rounds=1   # smoke test
 
 Both decode greedily, with no early stopping (ours: eos_id=None; transformers: no eos_token_id and
 min_new_tokens = max_new_tokens), from the same left-padded token ids (ours rounds the prompt length up to a bucket of 16,
 transformers pads to the longest prompt). Each implementation runs in its own child process, alternating
 A B A B; the first (compiling / warm-up) call is timed apart, then medians of `--repeats` calls; the ratio
-is reference time / our time. For a real checkpoint the generated tokens of both are compared too (float32
-both: they agree until a near-tie in the logits).
+is reference time / our time. For a real checkpoint the generated tokens of both are compared too (in float32
+they agree until a near-tie in the logits; in bfloat16 rounding differs, so they part sooner).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def prompt_ids(lm: str, lm_config: dict, batch: int) -> list[list[int]]:
     return [tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
 
 
-def run_jax(lm: str, prompts, max_new_tokens: int, repeats: int) -> dict:
+def run_jax(lm: str, dtype: str, prompts, max_new_tokens: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -63,7 +64,7 @@ def run_jax(lm: str, prompts, max_new_tokens: int, repeats: int) -> dict:
     from frozenlm_jax.models.lm import DecoderLM, LMConfig
 
     if lm.startswith("random:"):
-        config = LMConfig(**LM_PRESETS[lm.split(":", 1)[1]])
+        config = LMConfig(**LM_PRESETS[lm.split(":", 1)[1]], dtype=dtype, param_dtype=dtype)
         model = DecoderLM(config)
         params = jax.jit(lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32))["params"])(jax.random.key(0))
         import flax.linen as nn
@@ -71,7 +72,7 @@ def run_jax(lm: str, prompts, max_new_tokens: int, repeats: int) -> dict:
         params = nn.unbox(params)
         pad_id = 0
     else:
-        loaded = load_lm(lm)
+        loaded = load_lm(lm, dtype=dtype)
         model, params = loaded.model, loaded.params
         pad_id = loaded.tokenizer.pad_id if getattr(loaded.tokenizer, "pad_id", None) is not None else 0
     tokens, timing = time_calls(
@@ -95,11 +96,11 @@ def time_calls(call, repeats: int):
     return result, {"first_call_s": round(first, 2), "times_s": [round(t, 4) for t in times], **rss.result()}
 
 
-def run_torch(lm: str, lm_config: dict, prompts, max_new_tokens: int, repeats: int) -> dict:
+def run_torch(lm: str, dtype: str, lm_config: dict, prompts, max_new_tokens: int, repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    model = load_torch_lm(lm, lm_config, torch.float32).eval()
+    model = load_torch_lm(lm, lm_config, getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = None  # as ours with eos_id=None: EOS is an ordinary token, no stop
     length = max(len(p) for p in prompts)
     pad_id = 0
@@ -127,15 +128,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per child (after the first)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--impls", default="jax,torch")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the LM's weights and compute, in both implementations")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child_args", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # the torch child never imports jax: the parent passes the LM's shape
         prompts, lm_config = json.loads(args.child_args)
         if args.child == "jax":
-            result = run_jax(args.lm, prompts, args.max_new_tokens, args.repeats)
+            result = run_jax(args.lm, args.dtype, prompts, args.max_new_tokens, args.repeats)
         else:
-            result = run_torch(args.lm, lm_config, prompts, args.max_new_tokens, args.repeats)
+            result = run_torch(args.lm, args.dtype, lm_config, prompts, args.max_new_tokens, args.repeats)
         print(json.dumps(result))
         return
 
@@ -143,7 +146,7 @@ def main():
     impls = [i for i in args.impls.split(",") if i]
     load = os.getloadavg()
     print(f"# {cpu_model()}, {len(os.sched_getaffinity(0))} cores, load average {load[0]:.2f} {load[1]:.2f} "
-          f"{load[2]:.2f} at start; LM {args.lm}, greedy, {args.max_new_tokens} new tokens, no early stop", flush=True)
+          f"{load[2]:.2f} at start; LM {args.lm} in {args.dtype}, greedy, {args.max_new_tokens} new tokens, no early stop", flush=True)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = prompt_ids(args.lm, lm_config, batch)

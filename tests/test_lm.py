@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from frozenlm_jax.decode import greedy_generate
-from frozenlm_jax.models.lm import DecoderLM, LMConfig, RopeScaling, accumulating_dot_general, init_cache
+from frozenlm_jax.models.lm import (DecoderLM, LMConfig, RopeScaling, _write_in_place, accumulating_dot_general,
+                                    init_cache)
 
 LLAMA = LMConfig(family="llama", vocab_size=100, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
                  head_dim=16, intermediate_size=96, rope_theta=500.0,
@@ -169,6 +170,23 @@ def test_bfloat16_dots_accumulate_in_float32_on_cpu():
     assert len(weight_dots) == 2 * 7 * cfg.num_layers + 2
     for line in weight_dots:
         assert re.search(r"\(tensor<[\dx]+xbf16>, tensor<[\dx]+xbf16>\) -> tensor<[\dx]+xf32>$", line.strip()), line
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cache_write_in_place(dtype):
+    """The KV-cache write equals dynamic_update_slice, and a bfloat16 cache is not converted whole to float32
+    (XLA:CPU would then copy the entire cache at every write)."""
+    buffer = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, 40, 2, 8)), dtype)
+    update = jnp.asarray(np.random.default_rng(1).normal(size=(1, 2, 1, 2, 8)), jnp.float32)
+    write = jax.jit(_write_in_place, donate_argnums=0)
+    expected = jax.lax.dynamic_update_slice(buffer, update.astype(dtype), (1, 0, 7, 0, 0))
+    compiled = write.lower(buffer, update, (1, 0, jnp.int32(7), 0, 0)).compile().as_text()
+    got = write(buffer, update, (1, 0, jnp.int32(7), 0, 0))
+    assert got.dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+    if dtype == "bfloat16":
+        assert "f32[3,2,40,2,8]" not in compiled
+
 
 def test_sliding_window_limits_attention():
     cfg = MISTRAL.replace(num_layers=1)

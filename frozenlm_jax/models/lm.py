@@ -225,6 +225,19 @@ def apply_rope(x, cos, sin):
     return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
+
+def _write_in_place(buffer, update, start):
+    """`dynamic_update_slice(buffer, update, start)` that stays in place for a 16-bit float buffer too: XLA:CPU
+    computes a bfloat16 update in float32, converting (copying) the whole buffer, so a 16-bit cache is updated as
+    its bits."""
+    update = update.astype(buffer.dtype)
+    if buffer.dtype.itemsize != 2 or not jnp.issubdtype(buffer.dtype, jnp.floating):
+        return jax.lax.dynamic_update_slice(buffer, update, start)
+    as_bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)  # noqa: E731
+    return jax.lax.bitcast_convert_type(jax.lax.dynamic_update_slice(as_bits(buffer), as_bits(update), start),
+                                        buffer.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads, never materialising repeated K/V."""
 
@@ -249,12 +262,11 @@ class Attention(nn.Module):
         if kv_cache is not None:
             entries = {"k": k, "v": v}
             if layer is None:
-                kv_cache = {n: jax.lax.dynamic_update_slice_in_dim(kv_cache[n], entries[n].astype(kv_cache[n].dtype),
-                                                                   write_index, 1) for n in entries}
+                kv_cache = {n: _write_in_place(kv_cache[n], entries[n], (0, write_index, 0, 0)) for n in entries}
                 k, v = kv_cache["k"], kv_cache["v"]
             else:
-                kv_cache = {n: jax.lax.dynamic_update_slice(kv_cache[n], entries[n][None].astype(kv_cache[n].dtype),
-                                                            (layer, 0, write_index, 0, 0)) for n in entries}
+                kv_cache = {n: _write_in_place(kv_cache[n], entries[n][None], (layer, 0, write_index, 0, 0))
+                            for n in entries}
                 k, v = kv_cache["k"][layer], kv_cache["v"][layer]
             k, v = k.astype(cfg.dtype), v.astype(cfg.dtype)
         b, t = q.shape[:2]
