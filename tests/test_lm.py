@@ -129,7 +129,8 @@ def test_bfloat16_params_and_compute():
     ((3, 5, 4, 2), (4, 2, 6), ((2, 3), (0, 1))),    # DenseGeneral over two axes (o_proj)
     ((3, 5, 8), (6, 8), ((2,), (1,))),              # tied head: hidden x embedding^T
     ((5, 4, 2), (7, 2, 4), ((1, 2), (2, 1))),       # contracted axes paired out of order
-], ids=["dense", "two_axes", "tied_head", "crossed"])
+    ((1, 1, 8), (6, 8), ((2,), (1,))),              # one row (decoding at batch 1): padded to two
+], ids=["dense", "two_axes", "tied_head", "crossed", "one_row"])
 def test_accumulating_dot_general_matches_float32_autodiff(lhs_shape, rhs_shape, contract):
     rng = np.random.default_rng(0)
     lhs = jnp.asarray(rng.normal(size=lhs_shape), jnp.bfloat16)
@@ -144,7 +145,9 @@ def test_accumulating_dot_general_matches_float32_autodiff(lhs_shape, rhs_shape,
     got = jax.jit(jax.grad(lambda a, b, w: loss(accumulating_dot_general, a, b, w), argnums=(0, 1)))(lhs, rhs, weights)
     up = lambda x: x.astype(jnp.float32)  # noqa: E731
     expected = jax.grad(lambda a, b: loss(jax.lax.dot_general, a, b, weights), argnums=(0, 1))(up(lhs), up(rhs))
-    assert accumulating_dot_general(lhs, rhs, dims).dtype == jnp.bfloat16
+    forward = accumulating_dot_general(lhs, rhs, dims)
+    assert forward.dtype == jnp.bfloat16 and forward.shape == out_shape
+    np.testing.assert_allclose(up(forward), jax.lax.dot_general(up(lhs), up(rhs), dims), rtol=0.01, atol=0.05)
     assert accumulating_dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32).dtype == jnp.float32
     for g, e, x in zip(got, expected, (lhs, rhs)):
         assert g.dtype == x.dtype and g.shape == x.shape
