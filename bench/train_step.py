@@ -188,14 +188,15 @@ def analytic_step_flops(lm: dict, vision: dict, batch: int, image_size: int, pre
 # ----------------------------------------------------------------------------------------------------------------
 
 def matmul_tflops(dtype: str, size: int | None = None, seconds: float = 1.0) -> float:
-    """Achieved TFLOP/s of a [size, size] @ [size, size] matmul in `dtype` on the default device."""
+    """Achieved TFLOP/s of a [size, size] @ [size, size] matmul in `dtype` on the default device, accumulating in
+    float32 as the LM's matmuls do (`accumulating_dot_general`)."""
     import jax
     import jax.numpy as jnp
 
     if size is None:
         size = 2048 if jax.default_backend() == "cpu" else 8192
     a = jnp.ones((size, size), dtype)
-    matmul = jax.jit(lambda x: x @ x)
+    matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     matmul(a).block_until_ready()
     start = time.perf_counter()
     out = matmul(a)
@@ -673,7 +674,8 @@ def markdown(rows: list[dict], reference: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lm", default="smollm2-135m", help="a named LM / .gguf, or random:<preset>")
-    parser.add_argument("--vision", default="nf_resnet_small")
+    parser.add_argument("--vision", default="nf_resnet_small",
+                        help="an NF-ResNet (the torch reference and the analytic FLOPs are NF-ResNets)")
     parser.add_argument("--batches", default="32", help="comma-separated batch sizes of the headline case")
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--caption_len", type=int, default=16)
@@ -709,6 +711,11 @@ def main():
         result = run_jax(case) if args.child == "jax" else run_torch(case, lm, vision)
         print(json.dumps(result))
         return
+    from frozenlm_jax.models.vision import NF_RESNET_CONFIGS
+
+    if args.vision not in NF_RESNET_CONFIGS:
+        parser.error(f"--vision={args.vision}: the torch reference and the analytic FLOPs are NF-ResNets; "
+                     f"use one of {', '.join(NF_RESNET_CONFIGS)}")
 
     impls = [i for i in args.impls.split(",") if i]
     base = dict(lm=args.lm, vision=args.vision, image_size=args.image_size, caption_len=args.caption_len,

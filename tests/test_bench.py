@@ -128,6 +128,13 @@ def test_torch_reference_nf_resnet_matches_ours(torch):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("script", ["train_step.py", "decode.py", "compile_time.py", "scaling.py"])
+def test_bf16_logits_bench_runs():
+    [row] = json_lines(run_bench("bf16_logits.py", TINY_LM, "--prompts=2"))
+    assert row["name"] == "ours bfloat16" and row["positions"] > 0
+    # bfloat16 rounding moves the logits, a little
+    assert 0 < row["mean_abs"] < 0.1 and row["top1_agree"] > 0.5
+
+
+@pytest.mark.parametrize("script", ["train_step.py", "decode.py", "compile_time.py", "scaling.py", "bf16_logits.py"])
 def test_bench_scripts_have_help(script):
     assert "usage" in run_bench(script, "--help")

@@ -34,7 +34,6 @@ REMAT_POLICIES = {
 HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
-
 def _ordered_dot(x, y, dimension_numbers, x_axes: list[int], y_axes: list[int], dtype):
     """`dot_general(x, y)` whose uncontracted axes of x and y are axes `x_axes` and `y_axes` of a gradient: the
     gradient in its own axis order, accumulated in float32, in `dtype`. One of the two operand orders usually
@@ -96,10 +95,11 @@ def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, prefer
     XLA:CPU runs a bfloat16 dot at its bfloat16 speed only when the dot's result is float32; a bfloat16 result
     (what `nn.Dense(dtype=bfloat16)` asks for) and the mixed float32 x bfloat16 transposes that autodiff makes
     of a float32-result dot are upcast to float32 matmuls. GPUs and TPUs accumulate in float32 either way.
-    Float32 operands and dots with batch dimensions go to `jax.lax.dot_general` unchanged.
+    Other operands (float32, mixed dtypes) and dots with batch dimensions go to `jax.lax.dot_general` unchanged.
     """
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
-    if lhs.dtype == jnp.float32 or lhs.dtype != rhs.dtype or any(dimension_numbers[1]):
+    low_precision = lhs.dtype == rhs.dtype and lhs.dtype in (jnp.bfloat16, jnp.float16)
+    if not low_precision or any(dimension_numbers[1]):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
     return _f32_accumulating_dot(lhs, rhs, dimension_numbers, out_dtype)
@@ -231,7 +231,6 @@ def apply_rope(x, cos, sin):
     xf = x.astype(jnp.float32)
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
     return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
-
 
 
 def _write_in_place(buffer, update, start):

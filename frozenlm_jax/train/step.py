@@ -9,6 +9,7 @@ keeps no state for frozen leaves.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,23 @@ from frozenlm_jax.models.lm import DecoderLM
 from frozenlm_jax.parallel import DEFAULT_RULES, batch_sharding, logical_shardings
 from frozenlm_jax.train.optimizer import make_optimizer, param_labels
 
+
+# XLA:CPU sends dots, convolutions and reductions to YNNPACK by default; its convolutions are slower than
+# Eigen's (NF-ResNet-50 at 224 px: 3.23 -> 2.34 s/step, `python bench/train_step.py --only="NF-ResNet-50 224px"`),
+# so the step keeps YNNPACK for dots and reductions only.
+_CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def cpu_step_options() -> dict[str, str]:
+    """The XLA options of the step on CPU, or none where this jaxlib does not know them."""
+    try:
+        x = jax.device_put(jnp.zeros(1), jax.local_devices(backend="cpu")[0])
+        jax.jit(lambda x: x + 1).lower(x).compile(_CPU_STEP_OPTIONS)
+    except jax.errors.JaxRuntimeError:
+        return {}
+    return _CPU_STEP_OPTIONS
 
 @flax.struct.dataclass
 class TrainState:
@@ -146,8 +164,10 @@ def make_trainer(model: Frozen, mesh: Mesh, *, label_rules, optimizer_kwargs: di
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
     step = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh, rules)),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+                   compiler_options=cpu_step_options() if on_cpu else None)
     return Trainer(model, mesh, labels, optimizer, state_shardings, frozen_shardings,
                    batch_sharding(mesh, rules), step)
 
