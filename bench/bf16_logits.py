@@ -55,7 +55,7 @@ def compare(got, reference) -> dict:
 
     diff = np.concatenate([np.abs(g - r).ravel() for g, r in zip(got, reference)])
     agree = np.concatenate([g.argmax(-1) == r.argmax(-1) for g, r in zip(got, reference)])
-    return {"max_abs": round(float(diff.max()), 4), "mean_abs": round(float(diff.mean()), 4),
+    return {"max_abs": float(f"{diff.max():.3g}"), "mean_abs": float(f"{diff.mean():.3g}"),
             "top1_agree": round(float(agree.mean()), 3)}
 
 
