@@ -112,6 +112,16 @@ class PeakRSS:
                                                 for k, v in self.phases.items()}}
 
 
+def median_seconds(call, repeats: int = 3) -> float:
+    """Median wall time of `call()` over `repeats` calls, after one untimed call."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times), 4)
+
 def resolve_lm_config(lm: str) -> dict:
     """HF-style shape of the LM (from the preset, or from the GGUF's metadata without loading tensors)."""
     if lm.startswith("random:"):
@@ -342,7 +352,8 @@ def run_jax(case: dict) -> dict:
     from frozenlm_jax.models.vision import vision_config
     from frozenlm_jax.parallel import make_mesh
     from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
-    from frozenlm_jax.train.step import init_params, make_trainer
+    from frozenlm_jax.models.frozen import vision_prefix
+    from frozenlm_jax.train.step import cpu_step_options, init_params, make_trainer
 
     lm_source, lm_dtype = case["lm"], case["lm_dtype"]
     overrides = dict(dtype=lm_dtype, param_dtype=lm_dtype, remat=case["lm_remat"])
@@ -404,7 +415,16 @@ def run_jax(case: dict) -> dict:
     result["step_times_s"] = [round(t, 4) for t in times]
     result.update(rss.result())
     if case.get("profile"):
-        result["profile"] = xla_profile(compiled, (state, frozen, sharded))
+        # The vision side alone (encoder + prefix projection, forward + backward), compiled as the step is.
+        vision = vision_prefix(model)
+        images = sharded["images"][:, 0]
+        weights = jax.random.normal(jax.random.key(1), jax.eval_shape(
+            lambda p, x: vision.apply({"params": p}, x), state.params["vision"], images).shape)
+        on_cpu = jax.default_backend() == "cpu"
+        vision_grad = jax.jit(jax.grad(lambda p, x: (vision.apply({"params": p}, x) * weights).sum()),
+                              compiler_options=cpu_step_options() if on_cpu else None)
+        vision_s = median_seconds(lambda: jax.block_until_ready(vision_grad(state.params["vision"], images)))
+        result["profile"] = dict(xla_profile(compiled, (state, frozen, sharded)), vision_fwd_bwd_s=vision_s)
     del compiled
     result["matmul_tflops"] = round(matmul_tflops(lm_dtype), 3)
     result["device"] = str(jax.devices()[0].device_kind)
@@ -603,6 +623,15 @@ def run_torch(case: dict, lm: dict, vision: dict) -> dict:
     result.update(rss.result())
     if case.get("profile"):
         result["profile"] = torch_profile(step)
+        weights = torch.randn(vision_model(images).shape, device=device)
+
+        def vision_fwd_bwd():
+            vision_model.zero_grad(set_to_none=True)
+            (vision_model(images) * weights).sum().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        result["profile"]["vision_fwd_bwd_s"] = median_seconds(vision_fwd_bwd)
     result["torch_threads"] = torch.get_num_threads()
     return result
 
@@ -774,7 +803,10 @@ def main():
                       f"(freezing by argument: x{row['jax']['flop_ratio_frozen_by_argument']})")
         for impl in ("jax", "torch"):
             if impl in row and "profile" in row[impl]:
-                print(f"  profile {impl}: {json.dumps(row[impl]['profile'])}")
+                profile = row[impl]["profile"]
+                share = profile["vision_fwd_bwd_s"] / row[impl]["step_s"]
+                print(f"  {impl}: vision alone (forward + backward) {profile['vision_fwd_bwd_s']:.3f} s "
+                      f"= {share:.0%} of the step; profile {json.dumps(profile)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=1))
 

@@ -36,6 +36,7 @@ def test_train_step_bench_runs_both_implementations(torch):
     assert row["jax"]["peak_rss_mib"] > 0 and row["torch"]["peak_rss_mib"] > 0
     assert row["jax"]["xla_flops"] > 0 and row["analytic_flops"]["total"] > 0
     assert row["jax"]["profile"]["op_time_ms_per_step"] > 0 and row["torch"]["profile"]
+    assert row["jax"]["profile"]["vision_fwd_bwd_s"] > 0 and row["torch"]["profile"]["vision_fwd_bwd_s"] > 0
     assert "| batch 2 |" in out  # the markdown table
 
 
