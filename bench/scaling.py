@@ -9,13 +9,16 @@ For each target the training step is built exactly as training builds it (`make_
 (XLA_FLAGS=--xla_force_host_platform_device_count=N, set in a child process before JAX starts), lowered
 on `ShapeDtypeStruct`s (nothing is allocated), compiled, and asked for its per-device memory
 (`memory_analysis()`: arguments, outputs, temporaries) and FLOPs (`cost_analysis()`). Parameter and optimizer
-bytes per device come from `jax.eval_shape` and the shardings, for the full model. Compiling a 32-layer 7B
-step for 64 simulated devices on a small CPU is slow, so the step is compiled with `--layers` (8 and 16)
-LM layers at the global batch and half of it, and every compiled quantity is fitted as
-c0 + c1 * layers + batch * (a0 + a1 * layers), then evaluated at the full depth (stated in the output).
-The batch-proportional part of the temporaries is the activations; the batch-independent part that grows
-per layer is XLA:CPU's float32 copies of the bfloat16 weights (it upcasts bf16 matmuls; GPU and TPU do
-not), reported apart and not counted. Temporaries are XLA:CPU's buffer assignment of the same partitioned
+bytes per device come from `jax.eval_shape` and the shardings, for the full model. The step is compiled
+with `--layers` (16 and 32: 32 is the 7B's depth, so the fit reproduces it; fewer layers compile faster but
+the fit then misses the depth where the LM's activations overtake the vision encoder's peak) LM layers at the
+global batch and half of it, and every compiled quantity is fitted as c0 + c1 * layers + batch * (a0 + a1 *
+layers), then evaluated at the full depth (stated in the output).
+The batch-proportional part of the temporaries is the activations; a batch-independent part that grows
+per layer would be copies of the weights (XLA:CPU made float32 copies of bfloat16 weights while it upcast
+bfloat16 matmuls, before `accumulating_dot_general`; GPU and TPU compilers do not), reported apart and not
+counted. The temporaries are a peak over the whole step: where the vision encoder's backward peaks above the
+LM's activations, they do not grow with LM depth at all. Temporaries are XLA:CPU's buffer assignment of the same partitioned
 program, compiled with its memory-optimised scheduler (the default one overlaps ops and undoes remat): an
 estimate of what the TPU/GPU compilers would assign, not their number. Step time at 50% MFU =
 model FLOPs (the analytic count of `train_step.analytic_step_flops`, no remat recompute) /
@@ -166,9 +169,9 @@ def main():
     parser.add_argument("--caption_len", type=int, default=32)
     parser.add_argument("--prefix", type=int, default=2)
     parser.add_argument("--targets", default="tpu_v3_64,h100x8", help=f"any of {', '.join(TARGETS)}")
-    parser.add_argument("--layers", default="8,16",
+    parser.add_argument("--layers", default="16,32",
                         help="layer counts compiled (>= 2 of them; deep enough that the LM's activations, not the "
-                             "vision encoder's backward, set the peak), then extrapolated")
+                             "vision encoder's backward, set the peak), then fitted and evaluated at the LM's depth")
     parser.add_argument("--remats", default="none,full")
     parser.add_argument("--json", default=None, help="also write the full results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -242,8 +245,8 @@ def main():
               f"{args.batch / r['step_s_at_50']:.0f} |")
     print("\nNot counted above: batch-independent temporaries that grow per LM layer, "
           + ", ".join(f"{r['target']} remat={r['remat']}: {max(r['cpu_weight_copies_gib'], 0.0):.2f} GiB" for r in rows)
-          + " per device; XLA:CPU upcasts bfloat16 matmuls to float32 and keeps float32 copies of the frozen "
-          "weights, which GPU and TPU compilers (bfloat16 matmuls) do not.")
+          + " per device (weight copies; XLA:CPU made float32 copies of bfloat16 weights while it upcast "
+          "bfloat16 matmuls).")
     print(f"\nAnalytic FLOPs per step: vision fwd {flops['vision_fwd'] / 1e12:.2f} T, vision bwd "
           f"{flops['vision_bwd'] / 1e12:.2f} T, prefix projection {flops['prefix_proj'] / 1e12:.3f} T, LM fwd "
           f"{flops['lm_fwd'] / 1e12:.2f} T, LM activation-only bwd {flops['lm_bwd_activations'] / 1e12:.2f} T.")
