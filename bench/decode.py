@@ -146,7 +146,8 @@ def main():
     impls = [i for i in args.impls.split(",") if i]
     load = os.getloadavg()
     print(f"# {cpu_model()}, {len(os.sched_getaffinity(0))} cores, load average {load[0]:.2f} {load[1]:.2f} "
-          f"{load[2]:.2f} at start; LM {args.lm} in {args.dtype}, greedy, {args.max_new_tokens} new tokens, no early stop", flush=True)
+          f"{load[2]:.2f} at start; LM {args.lm} in {args.dtype}, greedy, {args.max_new_tokens} new tokens, "
+          "no early stop", flush=True)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = prompt_ids(args.lm, lm_config, batch)

@@ -18,8 +18,8 @@ The batch-proportional part of the temporaries is the activations; a batch-indep
 per layer would be copies of the weights (XLA:CPU made float32 copies of bfloat16 weights while it upcast
 bfloat16 matmuls, before `accumulating_dot_general`; GPU and TPU compilers do not), reported apart and not
 counted. The temporaries are a peak over the whole step: where the vision encoder's backward peaks above the
-LM's activations, they do not grow with LM depth at all. Temporaries are XLA:CPU's buffer assignment of the same partitioned
-program, compiled with its memory-optimised scheduler (the default one overlaps ops and undoes remat): an
+LM's activations, they do not grow with LM depth at all. Temporaries are XLA:CPU's buffer assignment of the
+same partitioned program, compiled with its memory-optimised scheduler (the default one overlaps ops and undoes remat): an
 estimate of what the TPU/GPU compilers would assign, not their number. Step time at 50% MFU =
 model FLOPs (the analytic count of `train_step.analytic_step_flops`, no remat recompute) /
 (devices x spec peak x 0.5).

@@ -122,6 +122,7 @@ def median_seconds(call, repeats: int = 3) -> float:
         times.append(time.perf_counter() - start)
     return round(statistics.median(times), 4)
 
+
 def resolve_lm_config(lm: str) -> dict:
     """HF-style shape of the LM (from the preset, or from the GGUF's metadata without loading tensors)."""
     if lm.startswith("random:"):
@@ -347,12 +348,11 @@ def run_jax(case: dict) -> dict:
     from frozenlm_jax import load_lm
     from frozenlm_jax.checkpoints import gguf as gguf_files
     from frozenlm_jax.checkpoints.registry import NAMED_LMS, fetch_named
-    from frozenlm_jax.models.frozen import Frozen
+    from frozenlm_jax.models.frozen import Frozen, vision_prefix
     from frozenlm_jax.models.lm import LMConfig
     from frozenlm_jax.models.vision import vision_config
     from frozenlm_jax.parallel import make_mesh
     from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
-    from frozenlm_jax.models.frozen import vision_prefix
     from frozenlm_jax.train.step import cpu_step_options, init_params, make_trainer
 
     lm_source, lm_dtype = case["lm"], case["lm_dtype"]

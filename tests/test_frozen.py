@@ -158,7 +158,6 @@ def test_freezing_by_argument_saves_flops(lm_params):
     assert flops[0] <= 0.8 * flops[1], flops
 
 
-
 def test_cpu_step_runs_convolutions_outside_ynnpack(lm_params):
     """On CPU the step's convolutions leave YNNPACK (slower than Eigen's for NF-ResNet-50) and its dots stay."""
     trainer = trainer_for(single_device_mesh())
@@ -167,6 +166,7 @@ def test_cpu_step_runs_convolutions_outside_ynnpack(lm_params):
     ynn = [line for line in hlo.splitlines() if '"__ynn_fusion"' in line and " fusion(" in line]
     assert any("dot_general" in line for line in ynn)
     assert "conv_general_dilated" in hlo and not any("conv_general_dilated" in line for line in ynn)
+
 
 def test_prefix_lands_in_its_slots_and_text_only_equals_the_lm(lm_params):
     model = Frozen(LM, VISION, N)

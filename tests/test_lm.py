@@ -1,6 +1,7 @@
 """The LM module on tiny random configs: cache, scan, padding, dtypes, head, decoding."""
 
 import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -121,7 +122,6 @@ def test_bfloat16_params_and_compute():
     expected = DecoderLM(LLAMA).apply({"params": f32_params}, ids)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, expected, atol=0.05)
-
 
 
 @pytest.mark.parametrize("lhs_shape, rhs_shape, contract", [

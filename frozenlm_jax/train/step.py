@@ -30,8 +30,8 @@ from frozenlm_jax.train.optimizer import make_optimizer, param_labels
 
 
 # XLA:CPU sends dots, convolutions and reductions to YNNPACK by default; its convolutions are slower than
-# Eigen's (NF-ResNet-50 at 224 px: 3.23 -> 2.34 s/step, `python bench/train_step.py --only="NF-ResNet-50 224px"`),
-# so the step keeps YNNPACK for dots and reductions only.
+# Eigen's (NF-ResNet-50 at 224 px: 3.23 -> 2.34 s/step,
+# `python bench/train_step.py --only="NF-ResNet-50 224px"`), so the step keeps YNNPACK for dots and reductions.
 _CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                      "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
@@ -45,6 +45,7 @@ def cpu_step_options() -> dict[str, str]:
     except jax.errors.JaxRuntimeError:
         return {}
     return _CPU_STEP_OPTIONS
+
 
 @flax.struct.dataclass
 class TrainState:
