@@ -50,10 +50,15 @@ def _ordered_dot(x, y, dimension_numbers, x_axes: list[int], y_axes: list[int], 
     return out.transpose(np.argsort(x_axes + y_axes)).astype(dtype)
 
 
+def _contracted_and_free(contract, ndim: int) -> tuple[list[int], list[int]]:
+    """An operand's contracted axes (non-negative, in the dimension numbers' order) and its free axes."""
+    contract = [a % ndim for a in contract]
+    return contract, [a for a in range(ndim) if a not in contract]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _f32_accumulating_dot(lhs, rhs, dimension_numbers, out_dtype):
-    (lhs_contract, _), _ = dimension_numbers
-    lhs_free = [a for a in range(lhs.ndim) if a not in [c % lhs.ndim for c in lhs_contract]]
+    _, lhs_free = _contracted_and_free(dimension_numbers[0][0], lhs.ndim)
     if lhs_free and math.prod(lhs.shape[a] for a in lhs_free) == 1:
         # One row (decoding at batch 1): XLA:CPU sends a bfloat16 vector x matrix product to its Eigen fallback,
         # 12x slower than the matmul it runs for two rows (SmolLM2's head: 40 ms against 3.4 ms), so add a row.
@@ -69,11 +74,8 @@ def _f32_accumulating_dot_fwd(lhs, rhs, dimension_numbers, out_dtype):
 
 def _f32_accumulating_dot_bwd(dimension_numbers, out_dtype, residuals, cotangent):
     lhs, rhs = residuals
-    (lhs_contract, rhs_contract), _ = dimension_numbers
-    lhs_contract = [a % lhs.ndim for a in lhs_contract]
-    rhs_contract = [a % rhs.ndim for a in rhs_contract]
-    lhs_free = [a for a in range(lhs.ndim) if a not in lhs_contract]
-    rhs_free = [a for a in range(rhs.ndim) if a not in rhs_contract]
+    lhs_contract, lhs_free = _contracted_and_free(dimension_numbers[0][0], lhs.ndim)
+    rhs_contract, rhs_free = _contracted_and_free(dimension_numbers[0][1], rhs.ndim)
     n = len(lhs_free)  # the cotangent's axes: lhs_free, then rhs_free
     cotangent = cotangent.astype(lhs.dtype)
     grad_lhs = _ordered_dot(
