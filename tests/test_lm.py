@@ -1,5 +1,6 @@
 """The LM module on tiny random configs: cache, scan, padding, dtypes, head, decoding."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -10,7 +11,7 @@ import pytest
 
 from frozenlm_jax.decode import greedy_generate
 from frozenlm_jax.models.lm import (DecoderLM, LMConfig, RopeScaling, _write_in_place, accumulating_dot_general,
-                                    init_cache)
+                                    head_cross_entropy, init_cache)
 
 LLAMA = LMConfig(family="llama", vocab_size=100, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
                  head_dim=16, intermediate_size=96, rope_theta=500.0,
@@ -110,6 +111,52 @@ def test_padded_vocab_rows_never_win():
     assert logits.shape == (2, 7, 128)
     assert int(jnp.argmax(logits, -1).max()) < cfg.vocab_size
     assert bool(jnp.all(jax.nn.softmax(logits)[..., cfg.vocab_size:] == 0))
+
+
+def log_softmax_nll(hidden, weight, targets, vocab_size):
+    logits = jnp.where(jnp.arange(weight.shape[0]) < vocab_size, hidden @ weight.T, -jnp.inf)
+    return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[:, None], 1)[:, 0]
+
+
+@pytest.mark.parametrize("chunk", [8192, 128], ids=["one_chunk", "four_chunks"])
+def test_head_cross_entropy_matches_log_softmax(chunk):
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(37, 24)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(512, 24)) * 0.5, jnp.float32)  # 500 ids + 12 padding rows
+    targets = jnp.asarray(rng.integers(0, 500, 37))
+    weights = jnp.asarray(rng.normal(size=37), jnp.float32)  # a cotangent that is not all ones
+    fused = lambda h, w: (head_cross_entropy(h, w, targets, 500, chunk=chunk) * weights).sum()  # noqa: E731
+    plain = lambda h, w: (log_softmax_nll(h, w, targets, 500) * weights).sum()  # noqa: E731
+    np.testing.assert_allclose(head_cross_entropy(hidden, weight, targets, 500, chunk=chunk),
+                               log_softmax_nll(hidden, weight, targets, 500), rtol=1e-5, atol=1e-5)
+    # Frozen head: the gradient computed in the forward pass.
+    np.testing.assert_allclose(jax.grad(fused)(hidden, weight), jax.grad(plain)(hidden, weight), atol=1e-5)
+    # Trained head: both gradients, recomputed in the backward pass.
+    for got, expected in zip(jax.grad(fused, (0, 1))(hidden, weight), jax.grad(plain, (0, 1))(hidden, weight)):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_head_cross_entropy_keeps_no_logits():
+    hidden, weight = jnp.ones((64, 16)), jnp.ones((4096, 16))
+    targets = jnp.zeros(64, jnp.int32)
+
+    def compiled_gradient(nll):
+        return jax.jit(jax.grad(lambda h: nll(h, weight, targets, 4000).sum())).lower(hidden).compile().as_text()
+
+    assert "f32[64,4096]" in compiled_gradient(log_softmax_nll)  # what the check would find
+    assert "f32[64,4096]" not in compiled_gradient(functools.partial(head_cross_entropy, chunk=1024))
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_target_nll_matches_logits(tie):
+    cfg = LLAMA.replace(tie_word_embeddings=tie)
+    params, model = init_params(cfg), DecoderLM(cfg)
+    hidden = model.apply({"params": params}, random_ids((2, 6)), return_hidden=True)
+    targets = random_ids((2, 6), seed=1)
+    logits = model.apply({"params": params}, hidden, method=DecoderLM.logits)
+    expected = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    got = model.apply({"params": params}, hidden, targets, method=DecoderLM.target_nll)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_params_and_compute():

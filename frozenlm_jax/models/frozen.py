@@ -153,8 +153,7 @@ class Frozen(nn.Module):
             targets = jnp.take_along_axis(targets, index, axis=1)
         else:
             weight = predict
-        logits = self.lm.logits(hidden)
-        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        nll = self.lm.target_nll(hidden, targets)
         weight = weight.astype(jnp.float32)
         count = weight.sum()
         nll_sum = (nll * weight).sum()

@@ -107,6 +107,99 @@ def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, prefer
     return _f32_accumulating_dot(lhs, rhs, dimension_numbers, out_dtype)
 
 
+def _head_chunk(hidden, chunks, targets, index, vocab_size: int, carry, with_grad: bool):
+    """One vocabulary chunk of `head_cross_entropy`: the online log-sum-exp (running max `m`, sum `s`), the
+    target's logit `t` and, `with_grad`, the running softmax-weighted sum of head rows `j`."""
+    size, count = chunks.shape[0], chunks.shape[1]
+    rows = jax.lax.dynamic_index_in_dim(chunks, index, axis=1, keepdims=False)  # vocab ids index + count * i
+    logits = accumulating_dot_general(hidden, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    logits = jnp.where(index + count * jnp.arange(size) < vocab_size, logits, -jnp.inf)
+    m, s, t, j = carry
+    m_new = jnp.maximum(m, logits.max(axis=-1))
+    scale = jnp.exp(m - m_new)
+    p = jnp.exp(logits - m_new[:, None])
+    s = s * scale + p.sum(axis=-1)
+    hit = targets % count == index
+    t = t + jnp.where(hit, jnp.take_along_axis(logits, (targets // count)[:, None], axis=1)[:, 0], 0.0)
+    if with_grad:
+        j = j * scale[:, None] + accumulating_dot_general(p.astype(rows.dtype), rows, (((1,), (0,)), ((), ())),
+                                                          preferred_element_type=jnp.float32)
+    return m_new, s, t, j
+
+
+def _head_pass(hidden, weight, targets, vocab_size: int, num_chunks: int, with_grad: bool):
+    chunks = weight.reshape(-1, num_chunks, weight.shape[-1])  # a reshape: chunk c holds ids c, c + n, ...
+    n = hidden.shape[0]
+    init = (jnp.full((n,), -jnp.inf), jnp.zeros((n,)), jnp.zeros((n,)),
+            jnp.zeros((n, hidden.shape[1]) if with_grad else (), jnp.float32))
+    return jax.lax.fori_loop(0, num_chunks, lambda c, carry: _head_chunk(
+        hidden, chunks, targets, c, vocab_size, carry, with_grad), init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _head_nll(hidden, weight, targets, vocab_size, num_chunks):
+    m, s, t, _ = _head_pass(hidden, weight, targets, vocab_size, num_chunks, with_grad=False)
+    return m + jnp.log(s) - t
+
+
+def _head_nll_fwd(hidden, weight, targets, vocab_size, num_chunks):
+    hidden, weight, targets, head_trains = hidden.value, weight.value, targets.value, weight.perturbed
+    m, s, t, j = _head_pass(hidden, weight, targets, vocab_size, num_chunks, with_grad=not head_trains)
+    lse = m + jnp.log(s)
+    if head_trains:  # the backward pass recomputes the logits, for the head's gradient
+        return lse - t, (None, (hidden, weight, targets, lse))
+    # d nll_i / d hidden_i = softmax_i @ W - W[target_i]: computed here, so no logits are kept.
+    grad = j / s[:, None] - jnp.take(weight, targets, axis=0).astype(jnp.float32)
+    return lse - t, (grad.astype(hidden.dtype), None)
+
+
+def _head_nll_bwd(vocab_size, num_chunks, residuals, cotangent):
+    if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+        cotangent = jnp.zeros(cotangent.shape, cotangent.dtype)
+    grad, recompute = residuals
+    if recompute is None:
+        return (cotangent[:, None] * grad).astype(grad.dtype), None, None
+    hidden, weight, targets, lse = recompute
+    chunks = weight.reshape(-1, num_chunks, weight.shape[-1])
+    size = chunks.shape[0]
+
+    def chunk_grads(c, carry):
+        grad_hidden, grad_chunks = carry
+        rows = jax.lax.dynamic_index_in_dim(chunks, c, axis=1, keepdims=False)
+        ids = c + num_chunks * jnp.arange(size)
+        logits = jax.lax.dot_general(hidden, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        probs = jnp.where(ids < vocab_size, jnp.exp(logits - lse[:, None]), 0.0)
+        dlogits = cotangent[:, None] * (probs - (targets[:, None] == ids))
+        grad_hidden = grad_hidden + jax.lax.dot_general(
+            dlogits.astype(rows.dtype), rows, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        grad_rows = jax.lax.dot_general(dlogits.astype(hidden.dtype), hidden, (((0,), (0,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+        return grad_hidden, jax.lax.dynamic_update_index_in_dim(grad_chunks, grad_rows[:, None], c, axis=1)
+
+    init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(chunks.shape, jnp.float32))
+    grad_hidden, grad_chunks = jax.lax.fori_loop(0, num_chunks, chunk_grads, init)
+    return grad_hidden.astype(hidden.dtype), grad_chunks.reshape(weight.shape).astype(weight.dtype), None
+
+
+_head_nll.defvjp(_head_nll_fwd, _head_nll_bwd, symbolic_zeros=True)
+
+
+def head_cross_entropy(hidden, weight, targets, vocab_size: int, chunk: int = 8192):
+    """Next-token cross-entropy -log softmax(hidden @ weight.T)[target] [N] (float32) of hidden states [N, D]
+    under an LM head `weight` [V, D] (the tied embedding, or the head kernel transposed), ids >= `vocab_size`
+    (padding) excluded, without materialising the [N, V] logits.
+
+    The vocabulary is taken in chunks of about `chunk` ids (id c + n * i in chunk c, so a vocabulary sharded
+    over its ids stays sharded) with an online log-sum-exp. When `weight` is frozen, the forward pass also
+    accumulates the gradient with respect to `hidden` (softmax @ weight - weight[target]; the same matmul the
+    backward pass would make), so neither pass keeps logits; when it trains, the backward pass recomputes them.
+    """
+    num_chunks = 1
+    while num_chunks < 128 and weight.shape[0] > chunk * num_chunks and weight.shape[0] % (2 * num_chunks) == 0:
+        num_chunks *= 2
+    return _head_nll(hidden, weight, targets, vocab_size, num_chunks)
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling: `linear` (positions / factor) or `llama3` (Llama 3.1's banded scaling)."""
@@ -397,6 +490,18 @@ class DecoderLM(nn.Module):
         if cfg.padded_vocab_size != cfg.vocab_size:
             out = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, out, jnp.finfo(jnp.float32).min)
         return out
+
+    def target_nll(self, hidden, targets):
+        """Cross-entropy [...] (float32) of `targets` [...] under the head at `hidden` [..., D], without
+        materialising logits (`head_cross_entropy`); the same values as `logits` followed by a log-softmax."""
+        cfg = self.config
+        if cfg.tie_word_embeddings:
+            weight = self.embed_tokens.embedding
+        else:
+            weight = self.lm_head.variables["params"]["kernel"].T
+        nll = head_cross_entropy(hidden.reshape(-1, hidden.shape[-1]).astype(cfg.dtype), weight.astype(cfg.dtype),
+                                 targets.reshape(-1), cfg.vocab_size)
+        return nll.reshape(targets.shape)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, attention_mask=None,
                  cache=None, return_hidden=False):
