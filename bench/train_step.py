@@ -15,7 +15,9 @@ NF-ResNet below (same shapes as `frozenlm_jax.models.vision`). Each implementati
 process (so peak resident memory is its own), alternating A B A B over `--rounds`; medians are reported with
 the ratio reference time / our time (the speed-up). MFU: FLOPs of the step (XLA's cost analysis and the
 analytic count of `analytic_step_flops`) / step time / a large matmul measured in the same process
-(and / --peak_tflops, the chip's spec peak, if given).
+(and / --peak_tflops, the chip's spec peak, if given). XLA's cost analysis counts a loop's body once, so it
+misses all but one vocabulary chunk of the LM head (`models.lm.head_cross_entropy`); the analytic count
+does not.
 """
 
 from __future__ import annotations

@@ -37,12 +37,9 @@ def _target_logprobs(model: Frozen, params, batch, mask, answer_len: int):
 
     def run(module, batch, mask):
         hidden = module.lm(inputs_embeds=module.embed_inputs(batch), attention_mask=mask, return_hidden=True)
-        logits = module.lm.logits(hidden[:, -answer_len - 1:-1])
-        return jax.nn.log_softmax(logits)
+        return -module.lm.target_nll(hidden[:, -answer_len - 1:-1], batch["tokens"][:, -answer_len:])
 
-    logprobs = model.apply({"params": params}, batch, mask, method=run)
-    targets = batch["tokens"][:, -answer_len:]
-    return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    return model.apply({"params": params}, batch, mask, method=run)
 
 
 def _is_batch(prompts) -> bool:
