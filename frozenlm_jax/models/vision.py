@@ -161,16 +161,18 @@ class WSConv(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
                           (self.features,), self.param_dtype)
         fan_in = shape[0] * shape[1] * shape[2]
-        w = w.astype(jnp.float32)
-        mean = w.mean(axis=(0, 1, 2), keepdims=True)
-        var = w.var(axis=(0, 1, 2), keepdims=True)
+        # Statistics over the [fan_in, features] view: XLA:CPU's gradient of these reductions over three axes
+        # took twice as long (NF-ResNet-50's 53 kernels: 88 against 42 ms forward + backward).
+        w = w.astype(jnp.float32).reshape(fan_in, self.features)
+        mean = w.mean(axis=0)
+        var = jnp.square(w - mean).mean(axis=0)
         if self.style == "timm":
             scale = jax.lax.rsqrt(var + 1e-5) * (TIMM_RELU_GAMMA / math.sqrt(fan_in))
             padding = torch_padding(self.kernel, self.stride)
         else:
             scale = jax.lax.rsqrt(var * fan_in + 1e-4)
             padding = "SAME"
-        w = (w - mean) * scale * gain.astype(jnp.float32)
+        w = ((w - mean) * scale * gain.astype(jnp.float32)).reshape(shape)
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), w.astype(self.dtype), (self.stride, self.stride), padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
