@@ -107,11 +107,17 @@ def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, prefer
     return _f32_accumulating_dot(lhs, rhs, dimension_numbers, out_dtype)
 
 
+def _chunk(chunks, index):
+    """Rows [C, D] of vocabulary chunk `index` of `chunks` [C, n, D]. Sliced as bits when 16-bit: otherwise
+    XLA:CPU hoists a float32 copy of the whole head out of the loop (`_on_bits`)."""
+    return _on_bits(lambda c: jax.lax.dynamic_index_in_dim(c, index, axis=1, keepdims=False), chunks)
+
+
 def _head_chunk(hidden, chunks, targets, index, vocab_size: int, carry, with_grad: bool):
     """One vocabulary chunk of `head_cross_entropy`: the online log-sum-exp (running max `m`, sum `s`), the
     target's logit `t` and, `with_grad`, the running softmax-weighted sum of head rows `j`."""
     size, count = chunks.shape[0], chunks.shape[1]
-    rows = jax.lax.dynamic_index_in_dim(chunks, index, axis=1, keepdims=False)  # vocab ids index + count * i
+    rows = _chunk(chunks, index)  # vocab ids index + count * i
     logits = accumulating_dot_general(hidden, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     logits = jnp.where(index + count * jnp.arange(size) < vocab_size, logits, -jnp.inf)
     m, s, t, j = carry
@@ -165,7 +171,7 @@ def _head_nll_bwd(vocab_size, num_chunks, residuals, cotangent):
 
     def chunk_grads(c, carry):
         grad_hidden, grad_chunks = carry
-        rows = jax.lax.dynamic_index_in_dim(chunks, c, axis=1, keepdims=False)
+        rows = _chunk(chunks, c)
         ids = c + num_chunks * jnp.arange(size)
         logits = jax.lax.dot_general(hidden, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         probs = jnp.where(ids < vocab_size, jnp.exp(logits - lse[:, None]), 0.0)
@@ -328,16 +334,19 @@ def apply_rope(x, cos, sin):
     return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
+def _on_bits(fn, x, *others):
+    """`fn(x, *others)` for a slice or an update; for 16-bit floats computed on their bits, because XLA:CPU
+    computes a bfloat16 dynamic slice or update in float32, converting (copying) the whole operand."""
+    if x.dtype.itemsize != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+        return fn(x, *others)
+    as_bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)  # noqa: E731
+    return jax.lax.bitcast_convert_type(fn(as_bits(x), *map(as_bits, others)), x.dtype)
+
+
 def _write_in_place(buffer, update, start):
-    """`dynamic_update_slice(buffer, update, start)` that stays in place for a 16-bit float buffer too: XLA:CPU
-    computes a bfloat16 update in float32, converting (copying) the whole buffer, so a 16-bit cache is updated as
-    its bits."""
-    update = update.astype(buffer.dtype)
-    if buffer.dtype.itemsize != 2 or not jnp.issubdtype(buffer.dtype, jnp.floating):
-        return jax.lax.dynamic_update_slice(buffer, update, start)
-    as_bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)  # noqa: E731
-    return jax.lax.bitcast_convert_type(jax.lax.dynamic_update_slice(as_bits(buffer), as_bits(update), start),
-                                        buffer.dtype)
+    """`dynamic_update_slice(buffer, update, start)` that stays in place for a 16-bit float buffer too (a
+    16-bit cache is updated as its bits, `_on_bits`)."""
+    return _on_bits(lambda b, u: jax.lax.dynamic_update_slice(b, u, start), buffer, update.astype(buffer.dtype))
 
 
 class Attention(nn.Module):
