@@ -64,9 +64,17 @@ def length_penalty_factor(length, alpha):
     return ((5.0 + length) / 6.0) ** alpha
 
 
+def _argmax(logits):
+    """`argmax` over the last axis (the first of ties) as two plain reductions: XLA:CPU's argmax, one
+    reduction over (value, index) pairs, took 2.0-2.2 ms for [16, 49152] logits, this 0.7-1.1 ms."""
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    first_best = jnp.min(jnp.where(logits == logits.max(-1, keepdims=True), ids, logits.shape[-1]), axis=-1)
+    return jnp.minimum(first_best, logits.shape[-1] - 1)  # a NaN row has no best
+
+
 def _choose_tokens(method, logits, key, temperature, top_k, top_p):
     """Next tokens [B] from logits [B, V]: argmax, or a sample after temperature, top-k and top-p."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = _argmax(logits)
     if method == "greedy":
         return greedy
     scaled = logits / jnp.maximum(temperature, 1e-6)
@@ -85,16 +93,19 @@ def _choose_tokens(method, logits, key, temperature, top_k, top_p):
     return jnp.where(temperature > 0, sampled, greedy)
 
 
+def _on_rows(cache, fn):
+    """`fn(array, batch_axis)` on every batch-indexed entry of the cache (see `init_cache` for its layouts)."""
+    kv = {n: jax.tree.map(lambda x: fn(x, x.ndim - 4), cache[n]) for n in ("k", "v")}
+    return dict(cache, **kv, mask=fn(cache["mask"], 0), next_position=fn(cache["next_position"], 0))
+
+
 def _reorder_cache(cache, rows):
-    """The cache's batch rows `rows` (beam parents): k/v [layers, B, ...], mask and next_position [B, ...]."""
-    return dict(cache, k=cache["k"][:, rows], v=cache["v"][:, rows], mask=cache["mask"][rows],
-                next_position=cache["next_position"][rows])
+    """The cache's batch rows `rows` (beam parents)."""
+    return _on_rows(cache, lambda x, axis: jnp.take(x, rows, axis=axis))
 
 
 def _repeat_cache(cache, times):
-    return dict(cache, k=jnp.repeat(cache["k"], times, axis=1), v=jnp.repeat(cache["v"], times, axis=1),
-                mask=jnp.repeat(cache["mask"], times, axis=0),
-                next_position=jnp.repeat(cache["next_position"], times, axis=0))
+    return _on_rows(cache, lambda x, axis: jnp.repeat(x, times, axis=axis))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "method", "max_new_tokens", "num_beams", "top_k",

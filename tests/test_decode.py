@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from frozenlm_jax.decode import _choose_tokens, _decode, generate
+from frozenlm_jax.decode import _argmax, _choose_tokens, _decode, generate
 from frozenlm_jax.models.lm import DecoderLM, LMConfig
 
 LLAMA = LMConfig(family="llama", vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -118,6 +118,18 @@ def test_sampling_limits_and_reproducibility(llama):
     # A row's samples do not depend on the other rows of its batch.
     alone = generate(model, params, PROMPTS[:1], 8, method="sample", rng=jax.random.key(5))
     assert alone.tokens[0] == first.tokens[0]
+
+
+def test_greedy_argmax_takes_the_first_of_ties():
+    logits = np.random.default_rng(0).normal(size=(6, 1000)).astype(np.float32)
+    logits[1, [3, 700]] = 50.0
+    logits[2, :] = -jnp.inf
+    logits[3, [999, 998]] = 50.0
+    logits[4, 0] = logits[4].max() + 1
+    logits[5, 5] = jnp.nan
+    got = np.asarray(_argmax(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got[:5], np.argmax(logits[:5], -1))
+    assert got.tolist()[1:4] == [3, 0, 998] and 0 <= got[5] < 1000
 
 
 def test_top_p_and_top_k_keep_only_the_likeliest_tokens():

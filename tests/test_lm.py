@@ -61,7 +61,7 @@ def test_scan_layers_matches_unrolled(cfg):
     expected = DecoderLM(cfg).apply({"params": unrolled}, ids)
     got = DecoderLM(cfg.replace(scan_layers=True)).apply({"params": scanned}, ids)
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    cache = init_cache(cfg, 2, 12)
+    cache = init_cache(cfg.replace(scan_layers=True), 2, 12)
     _, cache = DecoderLM(cfg.replace(scan_layers=True)).apply({"params": scanned}, ids[:, :8], cache=cache)
     step, _ = DecoderLM(cfg.replace(scan_layers=True)).apply({"params": scanned}, ids[:, 8:], cache=cache)
     np.testing.assert_allclose(step[:, 0], expected[:, 8], atol=2e-5)
