@@ -242,6 +242,24 @@ def test_cache_write_in_place(dtype):
         assert "f32[3,2,40,2,8]" not in compiled
 
 
+def test_decoding_step_reads_each_layers_cache_where_it_is():
+    """One token step on a cache: each layer's keys and values are only written in place and read by the
+    attention matmuls, never sliced or transposed into a copy (at every layer and step, that would copy the
+    whole cache)."""
+    params = init_params(LLAMA)
+    model = DecoderLM(LLAMA)
+    _, cache = model.apply({"params": params}, random_ids((2, 5)), cache=init_cache(LLAMA, 2, 40))
+    step = jax.jit(lambda p, ids, c: model.apply({"params": p}, ids, cache=c), donate_argnums=2)
+    hlo = step.lower(params, random_ids((2, 1)), cache).compile().as_text()
+    layer_cache = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = f32\[(2,2,40,16|2,40,2,16|2,2,16,40)\]\S* ([\w\-]+)\(", re.M)
+    made = [(name, op) for name, _, op in layer_cache.findall(hlo)]
+    assert made, "no instruction holds a layer's cache: the pattern is stale"
+    copies = [(name, op) for name, op in made
+              if op not in ("parameter", "get-tuple-element", "bitcast", "dynamic-update-slice")
+              and "dynamic-update-slice" not in name]
+    assert not copies, copies
+
+
 def test_sliding_window_limits_attention():
     cfg = MISTRAL.replace(num_layers=1)
     params = init_params(cfg)
