@@ -65,6 +65,8 @@ def test_scan_layers_matches_unrolled(cfg):
     _, cache = DecoderLM(cfg.replace(scan_layers=True)).apply({"params": scanned}, ids[:, :8], cache=cache)
     step, _ = DecoderLM(cfg.replace(scan_layers=True)).apply({"params": scanned}, ids[:, 8:], cache=cache)
     np.testing.assert_allclose(step[:, 0], expected[:, 8], atol=2e-5)
+    with pytest.raises(ValueError, match="this cache is for scan_layers=False, the model has scan_layers=True"):
+        DecoderLM(cfg.replace(scan_layers=True)).apply({"params": scanned}, ids, cache=init_cache(cfg, 2, 12))
 
 
 def test_remat_does_not_change_logits():

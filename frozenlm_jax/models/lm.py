@@ -545,6 +545,9 @@ class DecoderLM(nn.Module):
         else:
             key_valid = jax.lax.dynamic_update_slice_in_dim(cache["mask"], attention_mask, write_index, 1)
             kv = {"k": cache["k"], "v": cache["v"]}
+            if isinstance(kv["k"], tuple) == cfg.scan_layers:
+                raise ValueError(f"this cache is for scan_layers={not cfg.scan_layers}, the model has "
+                                 f"scan_layers={cfg.scan_layers}: make it with init_cache(the model's config, ...)")
         query_slot = write_index + jnp.arange(t)
         key_slot = jnp.arange(key_valid.shape[1])
         allowed = key_slot[None, :] <= query_slot[:, None]
