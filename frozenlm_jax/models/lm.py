@@ -382,6 +382,8 @@ class Attention(nn.Module):
         scores = scores / math.sqrt(hd)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+        # Not "->bkgtd" then transposed: faster when decoding, but XLA:CPU (jaxlib 0.10.2) then computed a wrong
+        # training step, silently (README, Benchmarks).
         out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v).reshape(b, t, h, hd)
         out = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
