@@ -4,9 +4,15 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The tests' programs are tiny and compiling them is most of the suite's time: LLVM's optimisation level 0
+# keeps XLA's own (HLO) optimisations and cuts the compile (tests/test_frozen.py: 267 -> 157 s on 2 cores).
+# Subprocesses (the trainer's CLI, the benchmarks) inherit it.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # A compilation cache for this session only: the subprocess tests (resume, the CLI, benchmarks) load what this
 # process already compiled instead of compiling it again (the SIGTERM-resume test: 66 s -> 30 s).
@@ -15,9 +21,28 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def xla_flags_for_child(device_count: int | None) -> str:
+    """This session's XLA_FLAGS for a subprocess with `device_count` simulated CPU devices (None: its own)."""
+    flags = [f for f in os.environ["XLA_FLAGS"].split() if "xla_force_host_platform_device_count" not in f]
+    if device_count is not None:
+        flags.append(f"--xla_force_host_platform_device_count={device_count}")
+    return " ".join(flags)
+
+
+def jit_apply(module, variables, *args, method=None, **kwargs):
+    """`module.apply(variables, *args, ...)` under jit: one compiled program per call, where eager dispatch
+    compiles one per op, most of a small test's time (tests/test_lm.py: 116 -> 87 s on 2 cores). Keyword
+    arguments that are Python bools, ints, strings or lists are static."""
+    static = {name: value for name, value in kwargs.items() if isinstance(value, (bool, int, str, list))}
+    arrays = {name: value for name, value in kwargs.items() if name not in static}
+    run = lambda v, a, kw: module.apply(v, *a, method=method, **static, **kw)  # noqa: E731
+    return jax.jit(run)(variables, args, arrays)
 
 
 def missing_reference(reason: str):
@@ -84,3 +109,33 @@ def write_random_hf_llama(directory, seed=0, **config_overrides):
     (directory / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(directory / "model.safetensors"))
     return tensors
+
+
+def tiny_config(data_dir, **train):
+    """configs/tiny.py reading its data from `data_dir`, with `train` overrides."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny", Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data.data_dir = str(data_dir)
+    for key, value in train.items():
+        config.train[key] = value
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """The tfds folder of configs/tiny.py's data, shared by the tests that train it."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data_dir, tmp_path_factory):
+    """(workdir, final metrics) of configs/tiny.py's 12 steps on the 8-device mesh, trained once per session;
+    a test that writes into a run copies it first."""
+    from frozenlm_jax.train.trainer import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    return workdir, train_and_evaluate(tiny_config(tiny_data_dir), workdir)

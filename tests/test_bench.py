@@ -10,14 +10,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags_for_child
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 TINY_LM = "--lm=random:llama-tiny"
 
 
 def run_bench(script: str, *args: str, timeout: int = 300) -> str:
-    # The children pick their own device count: drop the test session's 8 simulated devices.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags_for_child(None))  # the children pick their own device count
     out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
                          timeout=timeout, cwd=BENCH.parent)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jit_apply
 from flax import traverse_util
 
 from frozenlm_jax.models.convnet import ConvNet
@@ -36,13 +37,13 @@ def images(seed, count=B):
 def test_inference_uses_running_statistics_and_training_updates_them():
     model = build_encoder(CONFIG)
     assert isinstance(model, ConvNet)
-    params = nn.unbox(model.init(jax.random.key(0), images(0, 1))["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images(0, 1))["params"])
     x = images(1)
     # Inference: an image's features do not depend on the rest of its batch.
-    alone = model.apply({"params": params}, x[:1])
-    np.testing.assert_allclose(model.apply({"params": params}, x)[:1], alone, rtol=1e-5, atol=1e-6)
+    alone = jit_apply(model, {"params": params}, x[:1])
+    np.testing.assert_allclose(jit_apply(model, {"params": params}, x)[:1], alone, rtol=1e-5, atol=1e-6)
     # Training: batch statistics, and running statistics moved towards the batch's by 1 - momentum.
-    train_features, updated = model.apply({"params": params}, x, mutable=["batch_stats"])
+    train_features, updated = jit_apply(model, {"params": params}, x, mutable=["batch_stats"])
     assert not np.allclose(train_features[:1], alone, atol=1e-4)
     stats = flat(updated["batch_stats"])
     conv = jax.lax.conv_general_dilated(x, params["stage0_conv0"]["kernel"], (1, 1), "SAME",
@@ -66,7 +67,7 @@ def make_batch(seed):
 def test_step_writes_the_running_statistics_of_its_training_pass():
     grad_accum_steps = 2  # two microbatches: each moves the statistics, the step keeps the mean of the moves
     model = Frozen(LM, CONFIG, N)
-    lm_params = nn.unbox(DecoderLM(LM).init(jax.random.key(1), jnp.zeros((1, 1), jnp.int32))["params"])
+    lm_params = nn.unbox(jax.jit(DecoderLM(LM).init)(jax.random.key(1), jnp.zeros((1, 1), jnp.int32))["params"])
     trainer = make_trainer(model, make_mesh({"data": 2}, devices=jax.devices()[:2]),
                            label_rules=VARIANT_LABEL_RULES["frozen"], image_shape=IMAGE,
                            optimizer_kwargs=dict(learning_rate=1e-2, total_steps=10),
@@ -78,7 +79,7 @@ def test_step_writes_the_running_statistics_of_its_training_pass():
     expected = []
     for rows in (np.arange(a, B, grad_accum_steps) for a in range(grad_accum_steps)):  # the step's microbatches
         micro = {k: v[rows] for k, v in batch.items()}
-        _, updated = model.apply({"params": {**before, "lm": lm_params}}, micro, method=Frozen.loss,
+        _, updated = jit_apply(model, {"params": {**before, "lm": lm_params}}, micro, method=Frozen.loss,
                                  mutable=["batch_stats"])
         expected.append(flat(updated["batch_stats"]))
     state, _ = trainer.step(state, frozen, trainer.shard_batch(batch))
@@ -95,9 +96,9 @@ def test_step_writes_the_running_statistics_of_its_training_pass():
 @pytest.mark.parametrize("name", ["convnet_tiny", "nf_resnet_tiny"])
 def test_max_pool_takes_the_largest_activation_of_the_same_feature_map(name):
     mean_model, max_model = build_encoder(vision_config(name)), build_encoder(vision_config(name, pool="max"))
-    params = {"params": nn.unbox(mean_model.init(jax.random.key(0), images(0, 1))["params"])}
+    params = {"params": nn.unbox(jax.jit(mean_model.init)(jax.random.key(0), images(0, 1))["params"])}
     x = images(2)
-    mean, top = mean_model.apply(params, x), max_model.apply(params, x)
+    mean, top = jit_apply(mean_model, params, x), jit_apply(max_model, params, x)
     assert top.shape == mean.shape
     assert np.all(top >= mean - 1e-6) and np.mean(top > mean + 1e-3) > 0.5
     # One bright corner on a blank image moves the max-pooled features at least as much as the mean-pooled.

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jit_apply
 
 from frozenlm_jax.decode import _argmax, _choose_tokens, _decode, generate
 from frozenlm_jax.models.lm import DecoderLM, LMConfig
@@ -23,18 +24,18 @@ PROMPTS = [[5, 17, 42], [9, 8, 7, 6, 5, 4, 3, 2, 1], [33, 34], [70, 1, 2, 3, 4, 
 def lm(request):
     cfg = request.param
     model = DecoderLM(cfg)
-    return model, nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return model, nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
 
 
 @pytest.fixture(scope="module")
 def llama():
     model = DecoderLM(LLAMA)
-    return model, nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, 1), jnp.int32))["params"])
+    return model, nn.unbox(jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 1), jnp.int32))["params"])
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def forward(model, params, ids):
-    return model.apply({"params": params}, ids)
+    return jit_apply(model, {"params": params}, ids)
 
 
 def full_logits(model, params, ids):

@@ -1,4 +1,4 @@
-"""`python -m frozenlm_jax.evaluate` on a briefly trained configs/tiny.py run: the report's rows × columns,
+"""`python -m frozenlm_jax.evaluate` on a configs/tiny.py run: the report's rows × columns,
 its markdown tables and plot, the default output folder, and clear errors for bad task names and outputs;
 the task suite's scores of a constant answerer on the generated data."""
 
@@ -14,7 +14,6 @@ from frozenlm_jax import evaluate
 from frozenlm_jax.data.eval_files import read_episodes, write_episodes, write_vqa
 from frozenlm_jax.eval.suite import TASKS, Suite
 from frozenlm_jax.eval.vqa import load_vqa
-from frozenlm_jax.train.trainer import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -30,15 +29,10 @@ def eval_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Two workdirs of a 4-step tiny run (the second a copy, so it loads as its own row)."""
-    config = tiny.get_config()
-    config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
-    config.train.num_steps = 4
-    config.train.eval_every = 4
-    config.train.checkpoint_every = 4
+def runs(tiny_run, tmp_path_factory):
+    """Two copies of the session's configs/tiny.py run (so each loads as its own row)."""
     first = tmp_path_factory.mktemp("runs") / "frozen_a"
-    train_and_evaluate(config, first)
+    shutil.copytree(tiny_run[0], first)
     second = first.parent / "frozen_b"
     shutil.copytree(first, second)
     return first, second

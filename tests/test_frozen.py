@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jit_apply
 from flax import traverse_util
 
 from frozenlm_jax.models.frozen import Frozen, check_batch
@@ -52,7 +53,7 @@ def flat(tree):
 def lm_params():
     """A random LM with the weight scale of a trained one (at init scale 0.02 its logits are nearly flat,
     so no prefix could make it predict anything)."""
-    params = nn.unbox(DecoderLM(LM).init(jax.random.key(7), jnp.zeros((1, 1), jnp.int32))["params"])
+    params = nn.unbox(jax.jit(DecoderLM(LM).init)(jax.random.key(7), jnp.zeros((1, 1), jnp.int32))["params"])
     return jax.tree.map(lambda x: x * 25 if x.ndim > 1 else x, params)
 
 
@@ -173,11 +174,11 @@ def test_prefix_lands_in_its_slots_and_text_only_equals_the_lm(lm_params):
     batch = make_batch(images_per_row=2)
     batch["image_positions"] = np.tile(np.array([[1, 5]], np.int32), (B, 1))
     batch["image_mask"][0, 1] = False  # row 0 has one real image
-    vision = nn.unbox(model.init(jax.random.key(0), batch)["params"]["vision"])
+    vision = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"]["vision"])
     params = {"vision": vision, "lm": lm_params}
-    embeds = model.apply({"params": params}, batch, method=Frozen.embed_inputs)
-    tokens = DecoderLM(LM).apply({"params": lm_params}, batch["tokens"], method=DecoderLM.embed)
-    prefix = model.apply({"params": params}, batch["images"].reshape((-1,) + IMAGE),
+    embeds = jit_apply(model, {"params": params}, batch, method=Frozen.embed_inputs)
+    tokens = jit_apply(DecoderLM(LM), {"params": lm_params}, batch["tokens"], method=DecoderLM.embed)
+    prefix = jit_apply(model, {"params": params}, batch["images"].reshape((-1,) + IMAGE),
                          method=lambda m, x: m.vision(x)).reshape(B, 2, N, -1)
     for row in range(B):
         image_slots = {1: (0, 0), 2: (0, 1)} | ({} if row == 0 else {5: (1, 0), 6: (1, 1)})
@@ -185,8 +186,8 @@ def test_prefix_lands_in_its_slots_and_text_only_equals_the_lm(lm_params):
             expected = prefix[row][image_slots[t]] if t in image_slots else tokens[row, t]
             np.testing.assert_allclose(embeds[row, t], expected, atol=1e-6, err_msg=f"row {row} slot {t}")
     text_only = dict(batch, image_mask=np.zeros_like(batch["image_mask"]))
-    np.testing.assert_allclose(model.apply({"params": params}, text_only),
-                               DecoderLM(LM).apply({"params": lm_params}, batch["tokens"]), atol=1e-5)
+    np.testing.assert_allclose(jit_apply(model, {"params": params}, text_only),
+                               jit_apply(DecoderLM(LM), {"params": lm_params}, batch["tokens"]), atol=1e-5)
 
 
 def test_bad_batches_raise_clear_errors(lm_params):
@@ -210,10 +211,10 @@ def test_train_blind_ignores_images_and_frozen_does_not(lm_params):
     losses = {}
     for variant in ("train_blind", "frozen"):
         model = Frozen(LM, VISION, N, variant=variant)
-        vision = nn.unbox(model.init(jax.random.key(0), make_batch())["params"]["vision"])
+        vision = nn.unbox(jax.jit(model.init)(jax.random.key(0), make_batch())["params"]["vision"])
         params = {"vision": vision, "lm": lm_params}
-        losses[variant] = [float(model.apply({"params": params}, make_batch(seed=0) | {"images": make_batch(seed=s)["images"]},
-                                             method=Frozen.loss)[0]) for s in (1, 2)]
+        batches = [make_batch(seed=0) | {"images": make_batch(seed=s)["images"]} for s in (1, 2)]
+        losses[variant] = [float(jit_apply(model, {"params": params}, b, method=Frozen.loss)[0]) for b in batches]
     assert losses["train_blind"][0] == losses["train_blind"][1]
     assert losses["frozen"][0] != losses["frozen"][1]
 
@@ -221,12 +222,12 @@ def test_train_blind_ignores_images_and_frozen_does_not(lm_params):
 def test_max_targets_gathers_the_same_loss(lm_params):
     model = Frozen(LM, VISION, N)
     batch = make_batch()
-    params = {"vision": nn.unbox(model.init(jax.random.key(0), batch)["params"]["vision"]), "lm": lm_params}
-    full, _ = model.apply({"params": params}, batch, method=Frozen.loss)
-    gathered, metrics = model.apply({"params": params}, batch, max_targets=T - N, method=Frozen.loss)
+    params = {"vision": nn.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"]["vision"]), "lm": lm_params}
+    full, _ = jit_apply(model, {"params": params}, batch, method=Frozen.loss)
+    gathered, metrics = jit_apply(model, {"params": params}, batch, max_targets=T - N, method=Frozen.loss)
     np.testing.assert_allclose(gathered, full, rtol=1e-6)
     assert float(metrics["targets_dropped"]) == 0
-    _, short = model.apply({"params": params}, batch, max_targets=3, method=Frozen.loss)
+    _, short = jit_apply(model, {"params": params}, batch, max_targets=3, method=Frozen.loss)
     assert float(short["targets_dropped"]) == B * (T - N - 3)
 
 

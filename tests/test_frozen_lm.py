@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jit_apply
 
 from frozenlm_jax import FrozenLM, load_frozen
 from frozenlm_jax.data.pipeline import TextLayout, preprocess_image, stack
@@ -43,7 +44,7 @@ def images(seed, count):
 
 @functools.partial(jax.jit, static_argnums=0)
 def logits_of(model, params, batch):
-    return model.apply({"params": params}, batch)
+    return jit_apply(model, {"params": params}, batch)
 
 
 def contract(fm, prompt, max_len, answer=None):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jit_apply
 
 from frozenlm_jax.decode import greedy_generate
 from frozenlm_jax.models.lm import (DecoderLM, LMConfig, RopeScaling, _write_in_place, accumulating_dot_general,
@@ -22,6 +23,7 @@ GPT2 = LMConfig(family="gpt2", vocab_size=100, hidden_size=64, num_layers=2, num
 MISTRAL = LLAMA.replace(sliding_window=4, rope_scaling=None)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg, seed=0):
     ids = jnp.zeros((1, 4), jnp.int32)
     params = nn.unbox(DecoderLM(cfg).init(jax.random.key(seed), ids)["params"])
@@ -40,12 +42,12 @@ def test_kv_cache_matches_full_recompute(cfg):
     params = init_params(cfg)
     model = DecoderLM(cfg)
     ids = random_ids((2, 11))
-    full = model.apply({"params": params}, ids)
+    full = jit_apply(model, {"params": params}, ids)
     cache = init_cache(cfg, 2, 16)
-    prefill, cache = model.apply({"params": params}, ids[:, :7], cache=cache)
+    prefill, cache = jit_apply(model, {"params": params}, ids[:, :7], cache=cache)
     steps = [prefill]
     for t in range(7, 11):
-        logits, cache = model.apply({"params": params}, ids[:, t:t + 1], cache=cache)
+        logits, cache = jit_apply(model, {"params": params}, ids[:, t:t + 1], cache=cache)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
     assert int(cache["index"]) == 11 and cache["next_position"].tolist() == [11, 11]
@@ -58,23 +60,23 @@ def test_scan_layers_matches_unrolled(cfg):
     scanned = dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
     unrolled = dict(params, **{f"layers_{i}": layer for i, layer in enumerate(layers)})
     ids = random_ids((2, 9))
-    expected = DecoderLM(cfg).apply({"params": unrolled}, ids)
-    got = DecoderLM(cfg.replace(scan_layers=True)).apply({"params": scanned}, ids)
+    expected = jit_apply(DecoderLM(cfg), {"params": unrolled}, ids)
+    got = jit_apply(DecoderLM(cfg.replace(scan_layers=True)), {"params": scanned}, ids)
     np.testing.assert_allclose(got, expected, atol=1e-5)
     cache = init_cache(cfg.replace(scan_layers=True), 2, 12)
-    _, cache = DecoderLM(cfg.replace(scan_layers=True)).apply({"params": scanned}, ids[:, :8], cache=cache)
-    step, _ = DecoderLM(cfg.replace(scan_layers=True)).apply({"params": scanned}, ids[:, 8:], cache=cache)
+    _, cache = jit_apply(DecoderLM(cfg.replace(scan_layers=True)), {"params": scanned}, ids[:, :8], cache=cache)
+    step, _ = jit_apply(DecoderLM(cfg.replace(scan_layers=True)), {"params": scanned}, ids[:, 8:], cache=cache)
     np.testing.assert_allclose(step[:, 0], expected[:, 8], atol=2e-5)
     with pytest.raises(ValueError, match="this cache is for scan_layers=False, the model has scan_layers=True"):
-        DecoderLM(cfg.replace(scan_layers=True)).apply({"params": scanned}, ids, cache=init_cache(cfg, 2, 12))
+        jit_apply(DecoderLM(cfg.replace(scan_layers=True)), {"params": scanned}, ids, cache=init_cache(cfg, 2, 12))
 
 
 def test_remat_does_not_change_logits():
     params = init_params(LLAMA)
     ids = random_ids((2, 9))
-    expected = DecoderLM(LLAMA).apply({"params": params}, ids)
+    expected = jit_apply(DecoderLM(LLAMA), {"params": params}, ids)
     for policy in ("full", "save_dots"):
-        got = DecoderLM(LLAMA.replace(remat=policy)).apply({"params": params}, ids)
+        got = jit_apply(DecoderLM(LLAMA.replace(remat=policy)), {"params": params}, ids)
         np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
@@ -83,10 +85,10 @@ def test_left_padding_with_counted_positions_matches_unpadded(cfg):
     params = init_params(cfg)
     model = DecoderLM(cfg)
     ids = random_ids((1, 6))
-    alone = model.apply({"params": params}, ids)
+    alone = jit_apply(model, {"params": params}, ids)
     padded = jnp.concatenate([jnp.full((1, 3), 7, jnp.int32), ids], axis=1)
     mask = jnp.arange(9)[None] >= 3
-    got = model.apply({"params": params}, padded, attention_mask=mask)
+    got = jit_apply(model, {"params": params}, padded, attention_mask=mask)
     np.testing.assert_allclose(got[:, 3:], alone, atol=2e-5)
 
 
@@ -94,13 +96,13 @@ def test_inputs_embeds_and_hidden_head_match_ids_path():
     params = init_params(LLAMA)
     model = DecoderLM(LLAMA)
     ids = random_ids((2, 5))
-    logits = model.apply({"params": params}, ids)
-    embeds = model.apply({"params": params}, ids, method=DecoderLM.embed)
-    hidden = model.apply({"params": params}, inputs_embeds=embeds, return_hidden=True)
+    logits = jit_apply(model, {"params": params}, ids)
+    embeds = jit_apply(model, {"params": params}, ids, method=DecoderLM.embed)
+    hidden = jit_apply(model, {"params": params}, inputs_embeds=embeds, return_hidden=True)
     assert hidden.shape == (2, 5, LLAMA.hidden_size)
-    np.testing.assert_allclose(model.apply({"params": params}, hidden, method=DecoderLM.logits), logits, atol=1e-6)
+    np.testing.assert_allclose(jit_apply(model, {"params": params}, hidden, method=DecoderLM.logits), logits, atol=1e-6)
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
-        model.apply({"params": params}, ids, inputs_embeds=embeds)
+        jit_apply(model, {"params": params}, ids, inputs_embeds=embeds)
 
 
 def test_padded_vocab_rows_never_win():
@@ -109,7 +111,7 @@ def test_padded_vocab_rows_never_win():
     params = init_params(cfg)
     # Make the padding columns of the head enormous: they still must not win an argmax.
     params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, cfg.vocab_size:].set(1e4)
-    logits = DecoderLM(cfg).apply({"params": params}, random_ids((2, 7)))
+    logits = jit_apply(DecoderLM(cfg), {"params": params}, random_ids((2, 7)))
     assert logits.shape == (2, 7, 128)
     assert int(jnp.argmax(logits, -1).max()) < cfg.vocab_size
     assert bool(jnp.all(jax.nn.softmax(logits)[..., cfg.vocab_size:] == 0))
@@ -157,22 +159,22 @@ def test_head_cross_entropy_keeps_no_logits():
 def test_target_nll_matches_logits(tie):
     cfg = LLAMA.replace(tie_word_embeddings=tie)
     params, model = init_params(cfg), DecoderLM(cfg)
-    hidden = model.apply({"params": params}, random_ids((2, 6)), return_hidden=True)
+    hidden = jit_apply(model, {"params": params}, random_ids((2, 6)), return_hidden=True)
     targets = random_ids((2, 6), seed=1)
-    logits = model.apply({"params": params}, hidden, method=DecoderLM.logits)
+    logits = jit_apply(model, {"params": params}, hidden, method=DecoderLM.logits)
     expected = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-    got = model.apply({"params": params}, hidden, targets, method=DecoderLM.target_nll)
+    got = jit_apply(model, {"params": params}, hidden, targets, method=DecoderLM.target_nll)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_params_and_compute():
     cfg = LLAMA.replace(dtype="bfloat16", param_dtype="bfloat16")
-    params = nn.unbox(DecoderLM(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = nn.unbox(jax.jit(DecoderLM(cfg).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     f32_params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     ids = random_ids((2, 8))
-    got = DecoderLM(cfg).apply({"params": params}, ids)
-    expected = DecoderLM(LLAMA).apply({"params": f32_params}, ids)
+    got = jit_apply(DecoderLM(cfg), {"params": params}, ids)
+    expected = jit_apply(DecoderLM(LLAMA), {"params": f32_params}, ids)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, expected, atol=0.05)
 
@@ -212,7 +214,7 @@ def test_bfloat16_dots_accumulate_in_float32_on_cpu():
     """Every LM matmul in bfloat16 reaches XLA as a bfloat16 x bfloat16 -> float32 dot in the forward pass and in
     the backward pass (XLA:CPU upcasts bfloat16-result dots to float32 matmuls, at half the speed)."""
     cfg = LLAMA.replace(dtype="bfloat16", param_dtype="bfloat16", tie_word_embeddings=True)
-    params = nn.unbox(DecoderLM(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = nn.unbox(jax.jit(DecoderLM(cfg).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
     embeds = jnp.ones((2, 6, cfg.hidden_size), jnp.bfloat16)
 
     def loss(x):
@@ -250,7 +252,7 @@ def test_decoding_step_reads_each_layers_cache_where_it_is():
     whole cache)."""
     params = init_params(LLAMA)
     model = DecoderLM(LLAMA)
-    _, cache = model.apply({"params": params}, random_ids((2, 5)), cache=init_cache(LLAMA, 2, 40))
+    _, cache = jit_apply(model, {"params": params}, random_ids((2, 5)), cache=init_cache(LLAMA, 2, 40))
     step = jax.jit(lambda p, ids, c: model.apply({"params": p}, ids, cache=c), donate_argnums=2)
     hlo = step.lower(params, random_ids((2, 1)), cache).compile().as_text()
     shapes = "2,2,40,16|2,40,2,16|2,2,16,40"  # head-major, sequence-major, transposed keys
@@ -267,8 +269,8 @@ def test_sliding_window_limits_attention():
     cfg = MISTRAL.replace(num_layers=1)
     params = init_params(cfg)
     ids = random_ids((1, 10))
-    base = DecoderLM(cfg).apply({"params": params}, ids)
-    changed = DecoderLM(cfg).apply({"params": params}, ids.at[0, 0].set((ids[0, 0] + 1) % 100))
+    base = jit_apply(DecoderLM(cfg), {"params": params}, ids)
+    changed = jit_apply(DecoderLM(cfg), {"params": params}, ids.at[0, 0].set((ids[0, 0] + 1) % 100))
     # A window of 4: token 0 is seen from positions 0..3 only.
     assert not np.allclose(base[0, :4], changed[0, :4], atol=1e-4)
     np.testing.assert_allclose(base[0, 4:], changed[0, 4:], atol=1e-6)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from conftest import write_random_hf_llama
+from conftest import jit_apply, write_random_hf_llama
 from frozenlm_jax import load_lm
 from frozenlm_jax.parallel import make_mesh
 
@@ -48,8 +48,8 @@ def test_dimensions_the_mesh_does_not_divide_are_replicated(tmp_path):
     assert k_kernel.sharding.spec[1] is None and k_kernel.addressable_shards[0].data.shape == (12, 3, 8)
     ids = np.random.default_rng(0).integers(0, 256, (2, 5))
     plain = load_lm(str(tmp_path))
-    np.testing.assert_allclose(lm.model.apply({"params": lm.params}, ids),
-                               plain.model.apply({"params": plain.params}, ids), atol=1e-5)
+    np.testing.assert_allclose(jit_apply(lm.model, {"params": lm.params}, ids),
+                               jit_apply(plain.model, {"params": plain.params}, ids), atol=1e-5)
 
 
 def test_mesh_shape_errors():

@@ -12,6 +12,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import pytest
+from conftest import tiny_config, xla_flags_for_child
 
 from frozenlm_jax.train.checkpointing import CheckpointMismatch
 from frozenlm_jax.train.config import validate_config
@@ -19,7 +20,6 @@ from frozenlm_jax.train.trainer import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
-import tiny  # noqa: E402
 
 
 def read_metrics(workdir):
@@ -27,28 +27,8 @@ def read_metrics(workdir):
     return {m["step"]: m["loss"] for m in lines if "loss" in m}, [m for m in lines if "val_loss" in m]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-def tiny_config(data_dir, **train):
-    config = tiny.get_config()
-    config.data.data_dir = data_dir
-    for key, value in train.items():
-        config.train[key] = value
-    return config
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    final = train_and_evaluate(tiny_config(data_dir), workdir)
-    return workdir, final
-
-
-def test_end_to_end_writes_metrics_and_checkpoints_and_learns(uninterrupted):
-    workdir, final = uninterrupted
+def test_end_to_end_writes_metrics_and_checkpoints_and_learns(tiny_run):
+    workdir, final = tiny_run
     losses, evals = read_metrics(workdir)
     assert sorted(losses) == list(range(1, 13))
     assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)])
@@ -59,10 +39,10 @@ def test_end_to_end_writes_metrics_and_checkpoints_and_learns(uninterrupted):
     assert list((workdir / "tensorboard").iterdir())
 
 
-def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(uninterrupted, data_dir, tmp_path):
-    expected, _ = read_metrics(uninterrupted[0])
+def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tiny_run, tiny_data_dir, tmp_path):
+    expected, _ = read_metrics(tiny_run[0])
     command = [sys.executable, "-m", "frozenlm_jax.train", f"--config={ROOT / 'configs' / 'tiny.py'}",
-               f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}"]
+               f"--workdir={tmp_path}", f"--config.data.data_dir={tiny_data_dir}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -84,23 +64,23 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(uninterrupted, 
     np.testing.assert_allclose([resumed[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)], rtol=1e-5)
 
 
-def test_restoring_with_another_lm_or_other_shapes_is_a_clear_error(uninterrupted, data_dir, tmp_path):
+def test_restoring_with_another_lm_or_other_shapes_is_a_clear_error(tiny_run, tiny_data_dir, tmp_path):
     import shutil
 
     workdir = tmp_path / "copy"
-    shutil.copytree(uninterrupted[0], workdir)
-    other_lm = tiny_config(data_dir)
+    shutil.copytree(tiny_run[0], workdir)
+    other_lm = tiny_config(tiny_data_dir)
     other_lm.seed = 1  # another random LM
     with pytest.raises(CheckpointMismatch, match=r"trained with the frozen LM .*random\(seed=0\).* but this run has"):
         train_and_evaluate(other_lm, workdir)
-    other_shapes = tiny_config(data_dir)
+    other_shapes = tiny_config(tiny_data_dir)
     other_shapes.model.num_prefix_tokens = 3
     with pytest.raises(CheckpointMismatch, match=r"parameter state/params/vision/prefix_proj/\w+ has shape"):
         train_and_evaluate(other_shapes, workdir)
 
 
-def test_unknown_config_keys_fail_fast(data_dir):
-    config = tiny_config(data_dir)
+def test_unknown_config_keys_fail_fast(tiny_data_dir):
+    config = tiny_config(tiny_data_dir)
     unlocked = ml_collections.ConfigDict(config.to_dict())
     unlocked.train.num_stepz = 3
     unlocked.extra = 1
@@ -121,8 +101,8 @@ def test_default_config_takes_the_variant_as_its_argument():
         validate_config(shapes_smollm2.get_config("trainblind"))
 
 
-def test_nan_loss_stops_with_a_clear_message(data_dir, tmp_path):
-    config = tiny_config(data_dir, num_steps=6, log_every=1, checkpoint_every=2)
+def test_nan_loss_stops_with_a_clear_message(tiny_data_dir, tmp_path):
+    config = tiny_config(tiny_data_dir, num_steps=6, log_every=1, checkpoint_every=2)
     config.optimizer.learning_rate = 1e12
     config.optimizer.grad_clip_norm = 0.0
     config.optimizer.warmup_steps = 0
@@ -131,18 +111,18 @@ def test_nan_loss_stops_with_a_clear_message(data_dir, tmp_path):
         train_and_evaluate(config, tmp_path)
 
 
-def test_exported_model_reloads_with_the_same_logits(uninterrupted, data_dir, tmp_path):
+def test_exported_model_reloads_with_the_same_logits(tiny_run, tiny_data_dir, tmp_path):
     import jax
 
     from frozenlm_jax import load_frozen
     from frozenlm_jax.models.frozen import Frozen
     from frozenlm_jax.train.trainer import export, restore_run
 
-    config = tiny_config(data_dir)
-    out = export(config, uninterrupted[0], tmp_path / "exported")
+    config = tiny_config(tiny_data_dir)
+    out = export(config, tiny_run[0], tmp_path / "exported")
     assert (out / "lm.safetensors").exists()  # a random LM cannot be re-loaded from a source: weights go along
     loaded = load_frozen(out)
-    run = restore_run(config, uninterrupted[0])
+    run = restore_run(config, tiny_run[0])
     run.checkpointer.close()
     batch = {"tokens": np.full((2, 6), 5, np.int32), "images": np.random.default_rng(0).normal(size=(2, 1, 16, 16, 3)).astype(np.float32),
              "image_mask": np.ones((2, 1), bool), "image_positions": np.zeros((2, 1), np.int32)}
@@ -154,14 +134,14 @@ def test_exported_model_reloads_with_the_same_logits(uninterrupted, data_dir, tm
     assert loaded.image_size == 16 and isinstance(loaded.model, Frozen)
 
 
-def test_load_frozen_opens_the_best_checkpoint_of_a_workdir(uninterrupted):
+def test_load_frozen_opens_the_best_checkpoint_of_a_workdir(tiny_run):
     import jax
     import orbax.checkpoint as ocp
     from flax import traverse_util
 
     from frozenlm_jax import load_frozen
 
-    workdir = uninterrupted[0]
+    workdir = tiny_run[0]
     with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5; it keeps steps \[8, 12\]"):
         load_frozen(workdir, step=5)
     best = load_frozen(workdir)  # step 12: the only kept checkpoint with a validation loss
@@ -189,20 +169,20 @@ def test_every_config_file_builds_with_known_keys():
         assert config.train.batch_size % (config.mesh.data if config.mesh.data > 0 else 1) == 0, path.name
 
 
-def test_two_processes_reach_the_losses_of_one(uninterrupted, data_dir, tmp_path):
+def test_two_processes_reach_the_losses_of_one(tiny_run, tiny_data_dir, tmp_path):
     """jax.distributed on localhost, 4 CPU devices per process, the same global batch: the same losses as
     one process with 8 devices (configs/tiny.py orders data globally, host_order="interleave")."""
     import socket
 
-    expected, _ = read_metrics(uninterrupted[0])
+    expected, _ = read_metrics(tiny_run[0])
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "frozenlm_jax.train", f"--config={ROOT / 'configs' / 'tiny.py'}",
-               f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}"]
+               f"--workdir={tmp_path}", f"--config.data.data_dir={tiny_data_dir}"]
     processes = []
     for process_id in range(2):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags_for_child(4),
                    FROZENLM_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                    FROZENLM_NUM_PROCESSES="2", FROZENLM_PROCESS_ID=str(process_id))
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -214,7 +194,7 @@ def test_two_processes_reach_the_losses_of_one(uninterrupted, data_dir, tmp_path
     np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-5)
 
 
-def test_profile_trace_and_export_by_lm_reference(data_dir, tmp_path):
+def test_profile_trace_and_export_by_lm_reference(tiny_data_dir, tmp_path):
     """A loadable frozen LM is exported as a reference (source + fingerprint): load_frozen re-loads it, and a
     changed LM at that source is refused. `train.profile_steps` writes a jax.profiler trace."""
     import jax
@@ -230,7 +210,7 @@ def test_profile_trace_and_export_by_lm_reference(data_dir, tmp_path):
     write_random_hf_llama(lm_dir, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
                           bos_token_id=None)
     (lm_dir / "tokenizer.json").write_text(tokenizer.backend.to_str())
-    config = tiny_config(data_dir, num_steps=3, eval_every=3, checkpoint_every=3, profile_steps=(1, 2))
+    config = tiny_config(tiny_data_dir, num_steps=3, eval_every=3, checkpoint_every=3, profile_steps=(1, 2))
     config.lm.source = str(lm_dir)
     train_and_evaluate(config, tmp_path / "run")
     assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))

@@ -104,7 +104,7 @@ def make_batch(seed=0):
 
 @pytest.fixture(scope="module")
 def lm_params():
-    params = nn.unbox(DecoderLM(LM).init(jax.random.key(7), jnp.zeros((1, 1), jnp.int32))["params"])
+    params = nn.unbox(jax.jit(DecoderLM(LM).init)(jax.random.key(7), jnp.zeros((1, 1), jnp.int32))["params"])
     return jax.tree.map(lambda x: x * 25 if x.ndim > 1 else x, params)
 
 
