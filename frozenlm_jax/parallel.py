@@ -1,4 +1,4 @@
-"""Device meshes, logical-axis rules and the shardings derived from them.
+"""Device meshes, logical-axis rules and the shardings derived from them; XLA:CPU compile options.
 
 Parameters carry logical axis names (`nn.with_logical_partitioning`); rules map those names to the mesh
 axes `data`, `fsdp` and `tensor`. A dimension a mesh axis does not divide is replicated instead, so any
@@ -7,6 +7,7 @@ model fits any mesh without the user noticing.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -90,3 +91,14 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
     """The sharding of batch arrays: leading (batch) dimension over the axes of `activation_batch`."""
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("activation_batch",), rules))
+
+
+@functools.cache
+def known_cpu_options(options: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """`dict(options)`, XLA:CPU compile options, or none where this jaxlib does not know one of them."""
+    try:
+        x = jax.device_put(jax.numpy.zeros(1), jax.local_devices(backend="cpu")[0])
+        jax.jit(lambda x: x + 1).lower(x).compile(dict(options))
+    except jax.errors.JaxRuntimeError:
+        return {}
+    return dict(options)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import jit_apply
 
-from frozenlm_jax.decode import _argmax, _choose_tokens, _decode, generate
+from frozenlm_jax.decode import _argmax, _choose_tokens, _compiled_decode, generate
 from frozenlm_jax.models.lm import DecoderLM, LMConfig
 
 LLAMA = LMConfig(family="llama", vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -166,13 +166,14 @@ def test_stop_tokens_cut_the_output(llama):
 
 def test_a_new_prompt_of_the_same_bucket_does_not_recompile(llama):
     model, params = llama
+    decode = _compiled_decode(on_cpu=jax.default_backend() == "cpu")
     generate(model, params, [[1, 2, 3], [4, 5]], 5, method="sample", rng=jax.random.key(0))
-    compiled = _decode._cache_size()
+    compiled = decode._cache_size()
     generate(model, params, [[9] * 12, [8, 7, 6, 5]], 5, method="sample", rng=jax.random.key(1), temperature=0.5,
              top_p=0.9, eos_id=3, stop_ids=[4, 5])
-    assert _decode._cache_size() == compiled
+    assert decode._cache_size() == compiled
     generate(model, params, [[9] * 17, [8]], 5, method="sample", rng=jax.random.key(1))  # the next length bucket
-    assert _decode._cache_size() == compiled + 1
+    assert decode._cache_size() == compiled + 1
 
 
 @pytest.mark.parametrize("options, message", [

