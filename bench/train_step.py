@@ -174,14 +174,15 @@ def analytic_step_flops(lm: dict, vision: dict, batch: int, image_size: int, pre
 
     vision: forward, and backward = gradients w.r.t. weights and inputs (none w.r.t. the image);
     prefix projection: forward + both gradients; LM: forward, and the activation-only backward (no weight
-    gradients: 1x forward for every linear layer, 2x for attention's two activation-activation products);
+    gradients: 1x forward for every linear layer, 2x for attention's two activation-activation products),
+    over all positions but the last (which predicts nothing; the reference computes it too, ours does not);
     LM head: only at the `caption_len` target positions, forward + input gradient.
     """
     convs = conv_layers(vision, image_size)
     conv = [2 * batch * out * out * k * k * cin * cout for k, _, cin, cout, out in convs]
     vision_fwd = sum(conv)
     vision_bwd = 2 * vision_fwd - conv[0]
-    d, t = lm["hidden_size"], prefix + caption_len
+    d, t = lm["hidden_size"], prefix + caption_len - 1
     q, kv = lm["num_heads"] * lm["head_dim"], lm["num_kv_heads"] * lm["head_dim"]
     linear_per_token = 2 * (d * q + 2 * d * kv + q * d + 3 * d * lm["intermediate_size"])
     attention_per_seq = 4 * t * t * q  # QK^T and PV over the full T x T (masked, not skipped)

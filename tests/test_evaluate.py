@@ -4,20 +4,15 @@ the task suite's scores of a constant answerer on the generated data."""
 
 import json
 import shutil
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
 from frozenlm_jax import evaluate
 from frozenlm_jax.data.eval_files import read_episodes, write_episodes, write_vqa
 from frozenlm_jax.eval.suite import TASKS, Suite
 from frozenlm_jax.eval.vqa import load_vqa
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import tiny  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -51,7 +46,7 @@ class Constant:
 
 
 def test_suite_scores_a_constant_answer_at_its_rate_in_the_generated_data(tmp_path):
-    settings = tiny.get_config().eval
+    settings = tiny_config(tmp_path).eval
     settings.num_examples = 12
     suite = Suite("shapes_vqa,fast_binding", settings, 16)
     vqa_dir = write_vqa(tmp_path / "vqa", 4, 16, seed=0)  # the suite's: 12 questions, 3 per image, seed 0

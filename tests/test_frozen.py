@@ -219,6 +219,24 @@ def test_train_blind_ignores_images_and_frozen_does_not(lm_params):
     assert losses["frozen"][0] != losses["frozen"][1]
 
 
+def test_loss_is_the_masked_cross_entropy_of_the_full_logits(lm_params):
+    """The loss runs the LM without the last position; it equals the cross-entropy of every position's logits,
+    also with a second image's slots at the very end."""
+    model = Frozen(LM, VISION, N)
+    batch = make_batch(images_per_row=2)
+    batch["image_positions"][:, 1] = T - N
+    batch["loss_mask"][:, T - N:] = False
+    params = {"vision": nn.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"]["vision"]), "lm": lm_params}
+    logits = np.asarray(jit_apply(model, {"params": params}, batch), np.float64)[:, :-1, :LM.vocab_size]
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(log_probs, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+    weight = batch["loss_mask"][:, 1:]
+    loss, metrics = jit_apply(model, {"params": params}, batch, method=Frozen.loss)
+    np.testing.assert_allclose(float(loss), (nll * weight).sum() / weight.sum(), rtol=1e-5)
+    assert float(metrics["num_targets"]) == weight.sum()
+
+
 def test_max_targets_gathers_the_same_loss(lm_params):
     model = Frozen(LM, VISION, N)
     batch = make_batch()
