@@ -150,21 +150,6 @@ def _decode(params, embeds, mask, stop_mask, pad_id, key, temperature, top_p, le
     return out, logprobs, lengths, done, seen if return_logits else None
 
 
-# XLA:CPU's default library for dots, YNNPACK, ran decoding's small-batch float32 matmuls at about half
-# XNNPACK's rate on a 2-core AMD EPYC (60 [16, 576] x [576, 1536] matmuls: 52 against 29 ms; greedy SmolLM2 at
-# batch 16: 83 against 118-130 tok/s, the same tokens; batch 1 unchanged, 24.5 against 25.8). Scratch timings.
-_CPU_DECODE_OPTIONS = (("xla_cpu_experimental_xnn_fusion_type", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),
-                       ("xla_cpu_experimental_ynn_fusion_type", ""))
-_STATIC_ARGS = ("config", "method", "max_new_tokens", "num_beams", "top_k", "return_logits")
-
-
-@functools.cache
-def _compiled_decode(on_cpu: bool):
-    """`_decode` under jit, with `_CPU_DECODE_OPTIONS` on CPU."""
-    options = known_cpu_options(_CPU_DECODE_OPTIONS) if on_cpu else None
-    return jax.jit(_decode, static_argnames=_STATIC_ARGS, compiler_options=options or None)
-
-
 def _beam_search(extend, logits, cache, stop_mask, pad_id, alpha, batch, width, max_new_tokens):
     """Beam search keeping `width` live hypotheses per row; returns the best by log-prob / length penalty.
 
@@ -229,6 +214,21 @@ def _beam_search(extend, logits, cache, stop_mask, pad_id, alpha, batch, width, 
     logprobs = gather(jnp.concatenate([done_lp, live_lp], axis=1), best)[:, 0]
     lengths = gather(jnp.concatenate([done_len, jnp.full((batch, width), n)], axis=1), best)[:, 0]
     return seqs, logprobs, lengths, best[:, 0] < width
+
+
+# XLA:CPU's default library for dots, YNNPACK, ran decoding's small-batch float32 matmuls at about half
+# XNNPACK's rate on a 2-core AMD EPYC (60 [16, 576] x [576, 1536] matmuls: 52 against 29 ms; greedy SmolLM2 at
+# batch 16: 83 against 118-130 tok/s, the same tokens; batch 1 unchanged, 24.5 against 25.8). Scratch timings.
+_CPU_DECODE_OPTIONS = (("xla_cpu_experimental_xnn_fusion_type", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),
+                       ("xla_cpu_experimental_ynn_fusion_type", ""))
+_STATIC_ARGS = ("config", "method", "max_new_tokens", "num_beams", "top_k", "return_logits")
+
+
+@functools.cache
+def _compiled_decode(on_cpu: bool):
+    """`_decode` under jit, with `_CPU_DECODE_OPTIONS` on CPU."""
+    options = known_cpu_options(_CPU_DECODE_OPTIONS) if on_cpu else None
+    return jax.jit(_decode, static_argnames=_STATIC_ARGS, compiler_options=options or None)
 
 
 def stop_mask_for(config: LMConfig, eos_id: int | None, stop_ids: Iterable[int] = ()) -> np.ndarray:
