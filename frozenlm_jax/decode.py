@@ -219,16 +219,23 @@ def _beam_search(extend, logits, cache, stop_mask, pad_id, alpha, batch, width, 
 # XLA:CPU's default library for dots, YNNPACK, ran decoding's small-batch float32 matmuls at about half
 # XNNPACK's rate on a 2-core AMD EPYC (60 [16, 576] x [576, 1536] matmuls: 52 against 29 ms; greedy SmolLM2 at
 # batch 16: 83 against 118-130 tok/s, the same tokens; batch 1 unchanged, 24.5 against 25.8). Scratch timings.
+# In bfloat16, XNNPACK's dots held a float32 copy of the weights (SmolLM2 at batch 1: peak RSS 1,709 against
+# 933 MiB), so bfloat16 keeps the default.
 _CPU_DECODE_OPTIONS = (("xla_cpu_experimental_xnn_fusion_type", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),
                        ("xla_cpu_experimental_ynn_fusion_type", ""))
 _STATIC_ARGS = ("config", "method", "max_new_tokens", "num_beams", "top_k", "return_logits")
 
 
 @functools.cache
-def _compiled_decode(on_cpu: bool):
-    """`_decode` under jit, with `_CPU_DECODE_OPTIONS` on CPU."""
-    options = known_cpu_options(_CPU_DECODE_OPTIONS) if on_cpu else None
+def _compiled_decode(xnnpack_dots: bool):
+    """`_decode` under jit, with `_CPU_DECODE_OPTIONS` if `xnnpack_dots`."""
+    options = known_cpu_options(_CPU_DECODE_OPTIONS) if xnnpack_dots else None
     return jax.jit(_decode, static_argnames=_STATIC_ARGS, compiler_options=options or None)
+
+
+def _decoder(config: LMConfig):
+    """The jitted `_decode` for `config`: XNNPACK dots on CPU in float32."""
+    return _compiled_decode(xnnpack_dots=jax.default_backend() == "cpu" and config.dtype == "float32")
 
 
 def stop_mask_for(config: LMConfig, eos_id: int | None, stop_ids: Iterable[int] = ()) -> np.ndarray:
@@ -280,7 +287,7 @@ def generate_from_embeddings(config: LMConfig, params, embeds, mask, max_new_tok
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the LM's "
                          f"{config.max_position_embeddings} positions; shorten the prompt or max_new_tokens")
     key = jax.random.key(0) if rng is None else rng
-    out, logprobs, lengths, stopped, seen = _compiled_decode(on_cpu=jax.default_backend() == "cpu")(
+    out, logprobs, lengths, stopped, seen = _decoder(config)(
         params, embeds, jnp.asarray(mask), jnp.asarray(stop_mask_for(config, eos_id, stop_ids)), jnp.int32(pad_id),
         key, jnp.float32(temperature), jnp.float32(top_p), jnp.float32(length_penalty), config=config,
         method=method, max_new_tokens=max_new_tokens, num_beams=num_beams if method == "beam" else 1,

@@ -1,5 +1,6 @@
 """Decoding on tiny random LMs: cache vs recomputation, left padding, beam search, sampling, stops, compilation."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import jit_apply
 
-from frozenlm_jax.decode import _argmax, _choose_tokens, _compiled_decode, generate
+from frozenlm_jax.decode import _argmax, _choose_tokens, _compiled_decode, _decoder, generate
 from frozenlm_jax.models.lm import DecoderLM, LMConfig
 
 LLAMA = LMConfig(family="llama", vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -166,7 +167,7 @@ def test_stop_tokens_cut_the_output(llama):
 
 def test_a_new_prompt_of_the_same_bucket_does_not_recompile(llama):
     model, params = llama
-    decode = _compiled_decode(on_cpu=jax.default_backend() == "cpu")
+    decode = _decoder(model.config)
     generate(model, params, [[1, 2, 3], [4, 5]], 5, method="sample", rng=jax.random.key(0))
     compiled = decode._cache_size()
     generate(model, params, [[9] * 12, [8, 7, 6, 5]], 5, method="sample", rng=jax.random.key(1), temperature=0.5,
@@ -174,6 +175,11 @@ def test_a_new_prompt_of_the_same_bucket_does_not_recompile(llama):
     assert decode._cache_size() == compiled
     generate(model, params, [[9] * 17, [8]], 5, method="sample", rng=jax.random.key(1))  # the next length bucket
     assert decode._cache_size() == compiled + 1
+
+
+def test_decoding_compiles_dots_with_xnnpack_only_in_float32_on_cpu():
+    assert _decoder(LLAMA) is _compiled_decode(xnnpack_dots=jax.default_backend() == "cpu")
+    assert _decoder(dataclasses.replace(LLAMA, dtype="bfloat16")) is _compiled_decode(xnnpack_dots=False)
 
 
 @pytest.mark.parametrize("options, message", [
