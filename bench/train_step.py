@@ -17,7 +17,8 @@ the ratio reference time / our time (the speed-up). MFU: FLOPs of the step (XLA'
 analytic count of `analytic_step_flops`) / step time / a large matmul measured in the same process
 (and / --peak_tflops, the chip's spec peak, if given). XLA's cost analysis counts a loop's body once, so it
 misses all but one vocabulary chunk of the LM head (`models.lm.head_cross_entropy`); the analytic count
-does not.
+does not. The dot floor (`dot_floor`, in the first round): every dot of our compiled step timed alone, summed;
+the reference's step time over it is the most a step running these dots, and nothing else, could gain.
 """
 
 from __future__ import annotations
@@ -237,18 +238,27 @@ def make_batch(batch_size: int, image_size: int, prefix: int, caption_len: int, 
                 loss_mask=np.arange(length)[None].repeat(batch_size, 0) >= prefix)
 
 
-def hlo_op_categories(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> "convolution", "matmul" or "other", looking inside fusions' computations."""
+HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z\-]+)\(")
+
+
+def hlo_computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """The computations of an HLO module's text (name -> instruction lines) and the entry computation's name."""
     bodies: dict[str, list[str]] = {}
-    current = None
+    current = entry = None
     for line in hlo_text.splitlines():
-        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
         if header:
-            current = header.group(1)
+            current = header.group(2)
             bodies[current] = []
+            entry = current if header.group(1) else entry
         elif current is not None:
             bodies[current].append(line)
-    instruction = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z\-]+)\(")
+    return bodies, entry
+
+
+def hlo_op_categories(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> "convolution", "matmul" or "other", looking inside fusions' computations."""
+    bodies, _ = hlo_computations(hlo_text)
 
     def category(opcode: str, line: str, depth: int = 0) -> str:
         if opcode == "convolution":
@@ -259,7 +269,7 @@ def hlo_op_categories(hlo_text: str) -> dict[str, str]:
         found = set()
         for name in called if depth < 3 else ():
             for inner in bodies.get(name, ()):
-                match = instruction.match(inner)
+                match = HLO_INSTRUCTION.match(inner)
                 if match:
                     found.add(category(match.group(2), inner, depth + 1))
         return "convolution" if "convolution" in found else "matmul" if "matmul" in found else "other"
@@ -267,10 +277,93 @@ def hlo_op_categories(hlo_text: str) -> dict[str, str]:
     categories = {}
     for lines in bodies.values():
         for line in lines:
-            match = instruction.match(line)
+            match = HLO_INSTRUCTION.match(line)
             if match:
                 categories[match.group(1)] = category(match.group(2), line)
     return categories
+
+
+HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64", "s32": "int32",
+              "s8": "int8"}
+
+
+def hlo_dots(hlo_text: str) -> dict[tuple, int]:
+    """The dots an HLO module runs: (lhs (dtype, shape), rhs (dtype, shape), dimension numbers, result dtype) ->
+    how many times one step runs it (fusions and calls count once, a while body its known trip count)."""
+    bodies, entry = hlo_computations(hlo_text)
+    shape_of = re.compile(r"(\w+)\[([\d,]*)\]")
+
+    def parse_shape(text: str):
+        dtype, dims = shape_of.match(text).groups()
+        return HLO_DTYPES[dtype], tuple(int(d) for d in dims.split(",") if d)
+
+    def dims(line: str, name: str) -> tuple[int, ...]:
+        found = re.search(name + r"=\{([\d,]*)\}", line)
+        return tuple(int(d) for d in found.group(1).split(",") if d) if found else ()
+
+    times: dict[str, int] = {}
+
+    def visit(name: str, count: int):
+        times[name] = times.get(name, 0) + count
+        for line in bodies.get(name, ()):
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+            for kind, called in re.findall(r"(calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)",
+                                           line):
+                visit(called, count * (int(trips.group(1)) if trips and kind == "body" else 1))
+
+    visit(entry, 1)
+    dots: dict[tuple, int] = {}
+    for name, count in times.items():
+        lines = bodies[name]
+        defined = {}
+        for line in lines:
+            match = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])", line)
+            if match:
+                defined[match.group(1)] = match.group(2)
+        for line in lines:
+            match = re.match(r"^\s*(?:ROOT )?%?[\w.\-]+ = (\w+\[[\d,]*\])\S* dot\(([^)]*)\)", line)
+            if not match:
+                continue
+            operands = [defined[re.findall(r"%?([\w.\-]+)$", o.strip())[0]] for o in match.group(2).split(",")]
+            numbers = ((dims(line, "lhs_contracting_dims"), dims(line, "rhs_contracting_dims")),
+                       (dims(line, "lhs_batch_dims"), dims(line, "rhs_batch_dims")))
+            key = (parse_shape(operands[0]), parse_shape(operands[1]), numbers, parse_shape(match.group(1))[0])
+            dots[key] = dots.get(key, 0) + count
+    return dots
+
+
+def dot_floor(hlo_text: str, compiler_options: dict, min_seconds: float = 0.2) -> dict:
+    """The seconds a step's dots take when each is timed alone (compiled with `compiler_options`, on warm caches,
+    less the dispatch time of an empty call): a floor under the step's time that no fusion or layout change can
+    go below; convolutions are not included."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows, total = [], 0.0
+    for (lhs, rhs, numbers, out_dtype), count in hlo_dots(hlo_text).items():
+        a, b = (jax.numpy.asarray(rng.standard_normal(shape), dtype) for dtype, shape in (lhs, rhs))
+        dot = jax.jit(lambda x, y: jax.lax.dot_general(x, y, numbers, preferred_element_type=out_dtype),
+                      compiler_options=compiler_options)
+        empty = jax.jit(lambda x, y: x.reshape(-1)[:1], compiler_options=compiler_options)
+        seconds = []
+        for call in (dot, empty):
+            call(a, b).block_until_ready()
+            times, start = [], time.perf_counter()
+            while len(times) < 5 or time.perf_counter() - start < min_seconds:
+                began = time.perf_counter()
+                call(a, b).block_until_ready()
+                times.append(time.perf_counter() - began)
+            seconds.append(statistics.median(times))
+        each = max(seconds[0] - seconds[1], 0.0)
+        flops = 2 * math.prod(lhs[1]) * math.prod(rhs[1]) // math.prod(
+            lhs[1][d] for d in numbers[0][0]) // math.prod(lhs[1][d] for d in numbers[1][0])
+        total += count * each
+        rows.append({"lhs": list(lhs[1]), "rhs": list(rhs[1]), "dtype": lhs[0], "count": count,
+                     "ms": round(count * each * 1e3, 1),
+                     "gflops_per_s": round(flops / each / 1e9, 1) if each else None})
+    rows.sort(key=lambda r: -r["ms"])
+    return {"seconds": round(total, 4), "dots": sum(r["count"] for r in rows), "by_shape": rows[:8]}
 
 
 def xla_profile(compiled, args, steps: int = 2, top: int = 12) -> dict:
@@ -428,6 +521,10 @@ def run_jax(case: dict) -> dict:
                               compiler_options=cpu_step_options() if on_cpu else None)
         vision_s = median_seconds(lambda: jax.block_until_ready(vision_grad(state.params["vision"], images)))
         result["profile"] = dict(xla_profile(compiled, (state, frozen, sharded)), vision_fwd_bwd_s=vision_s)
+    if case.get("dot_floor"):
+        on_cpu = jax.default_backend() == "cpu"
+        result["dot_floor"] = dot_floor(compiled.as_text(), {**(cpu_step_options() if on_cpu else {}),
+                                                             **compiler_options(case)})
     del compiled
     result["matmul_tflops"] = round(matmul_tflops(lm_dtype), 3)
     result["device"] = str(jax.devices()[0].device_kind)
@@ -670,7 +767,7 @@ def summarise(case: dict, runs: dict[str, list[dict]], lm: dict, vision: dict, p
                "rounds_step_s": [round(statistics.median(r["step_times_s"]), 4) for r in results],
                "loss": results[0]["loss"], "analytic_tflops_per_s": round(flops["total"] / step_s / 1e12, 3)}
         for key in ("rss_after_setup_mib", "compile_s", "first_step_s", "load_init_s", "matmul_tflops", "device", "xla_flops",
-                    "xla_flops_with_lm_weight_grads", "profile", "torch_threads"):
+                    "xla_flops_with_lm_weight_grads", "profile", "torch_threads", "dot_floor"):
             if key in results[0]:
                 out[key] = results[0][key]
         if "matmul_tflops" in out:
@@ -685,6 +782,8 @@ def summarise(case: dict, runs: dict[str, list[dict]], lm: dict, vision: dict, p
         row[impl] = out
     if "jax" in runs and "torch" in runs:
         row["speedup"] = round(row["torch"]["step_s"] / row["jax"]["step_s"], 2)
+        if "dot_floor" in row["jax"]:  # what a step of our dots with nothing else would reach
+            row["speedup_at_dot_floor"] = round(row["torch"]["step_s"] / row["jax"]["dot_floor"]["seconds"], 2)
         row["memory_ratio"] = round(row["jax"]["peak_rss_mib"] / row["torch"]["peak_rss_mib"], 2)
     return row
 
@@ -732,6 +831,8 @@ def main():
     parser.add_argument("--xla_flags", default="", help="ours: extra XLA_FLAGS for the JAX child")
     parser.add_argument("--lm_weight_grad_flops", action="store_true",
                         help="also compile the step with LM weight gradients, for the FLOPs freezing saves")
+    parser.add_argument("--no_dot_floor", action="store_true",
+                        help="skip timing each of our step's dots alone (the floor under our step's time)")
     parser.add_argument("--peak_tflops", type=float, default=0.0,
                         help="the chip's dense spec peak in --lm_dtype (e.g. 989 for an H100/H200 in bfloat16)")
     parser.add_argument("--json", default=None, help="also write the full results here")
@@ -754,7 +855,7 @@ def main():
                 prefix=args.prefix, lm_dtype=args.lm_dtype, steps=args.steps, warmup=args.warmup,
                 torch_compile=args.torch_compile, clipcap=args.clipcap, profile=args.profile,
                 lm_remat=args.lm_remat, cpu_scheduler=args.cpu_scheduler, xla_flags=args.xla_flags,
-                lm_weight_grad_flops=args.lm_weight_grad_flops)
+                lm_weight_grad_flops=args.lm_weight_grad_flops, dot_floor=not args.no_dot_floor)
     cases = [dict(base, batch=int(b), name=f"batch {b}") for b in args.batches.split(",")]
     extra = list(ALL_CASES) if args.all else []
     if args.only:
@@ -779,7 +880,8 @@ def main():
         runs = {impl: [] for impl in impls}
         for round_index in range(args.rounds):
             for impl in impls:
-                child_case = dict(case, lm_weight_grad_flops=case["lm_weight_grad_flops"] and round_index == 0)
+                child_case = dict(case, lm_weight_grad_flops=case["lm_weight_grad_flops"] and round_index == 0,
+                                  dot_floor=case["dot_floor"] and round_index == 0)
                 runs[impl].append(run_child(impl, child_case, lm, vision))
                 print(f"# {case['name']} round {round_index + 1} {impl}: "
                       f"{statistics.median(runs[impl][-1]['step_times_s']):.3f} s/step", flush=True)
@@ -800,6 +902,12 @@ def main():
                   f"{flops['lm_fwd'] / 1e9:.1f}, LM activation bwd {flops['lm_bwd_activations'] / 1e9:.1f}); "
                   f"XLA cost analysis {row['jax']['xla_flops'] / 1e9:.1f} G; measured matmul peak "
                   f"{row['jax']['matmul_tflops']} TFLOP/s; achieved {row['jax']['analytic_tflops_per_s']} TFLOP/s")
+            if "dot_floor" in row["jax"]:
+                floor = row["jax"]["dot_floor"]
+                print(f"  our {floor['dots']} dots timed alone: {floor['seconds']:.3f} s = "
+                      f"{floor['seconds'] / row['jax']['step_s']:.0%} of our step (convolutions not included)"
+                      + (f"; the reference's step / that: {row['speedup_at_dot_floor']}x, the most a step running "
+                         f"these dots could gain" if "speedup_at_dot_floor" in row else ""))
             if "flop_ratio_frozen_by_argument" in row["jax"]:
                 print(f"  XLA FLOPs with LM weight gradients too: "
                       f"{row['jax']['xla_flops_with_lm_weight_grads'] / 1e9:.1f} G "

@@ -37,6 +37,7 @@ def test_train_step_bench_runs_both_implementations(torch):
     assert row["jax"]["xla_flops"] > 0 and row["analytic_flops"]["total"] > 0
     assert row["jax"]["profile"]["op_time_ms_per_step"] > 0 and row["torch"]["profile"]
     assert row["jax"]["profile"]["vision_fwd_bwd_s"] > 0 and row["torch"]["profile"]["vision_fwd_bwd_s"] > 0
+    assert row["jax"]["dot_floor"]["dots"] > 0 and row["speedup_at_dot_floor"] >= row["speedup"]
     assert "| batch 2 |" in out  # the markdown table
 
 
@@ -85,6 +86,26 @@ def test_analytic_flops_match_xla_cost_analysis():
     flops = analytic_step_flops(lm, vision_shapes("nf_resnet_tiny"), batch, image, prefix, caption)
     assert flops["total"] == sum(v for k, v in flops.items() if k != "total")
     assert 0.9 < flops["total"] / xla_flops < 1.02, (flops, xla_flops)
+
+
+def test_hlo_dots_counts_each_dot_as_often_as_a_step_runs_it():
+    """The dot floor's inventory: a loop's dots count their trip count, a batched dot keeps its dimension
+    numbers, and timing them gives a positive floor."""
+    sys.path.insert(0, str(BENCH))
+    from train_step import dot_floor, hlo_dots
+
+    def f(x, w, q):
+        h = jax.lax.fori_loop(0, 5, lambda i, h: jax.numpy.tanh(h @ w), x)
+        return h.sum() + jax.numpy.einsum("bij,bkj->bik", q, q).sum()
+
+    args = (np.ones((64, 32), np.float32), np.ones((32, 32), np.float32), np.ones((3, 8, 16), np.float32))
+    hlo = jax.jit(f).lower(*args).compile().as_text()
+    dots = hlo_dots(hlo)
+    assert dots[(("float32", (64, 32)), ("float32", (32, 32)), (((1,), (0,)), ((), ())), "float32")] == 5
+    [batched] = [key for key in dots if key[2][1] != ((), ())]
+    assert batched[2] == (((2,), (2,)), ((0,), (0,))) and dots[batched] == 1
+    floor = dot_floor(hlo, {}, min_seconds=0.01)
+    assert floor["dots"] == 6 and floor["seconds"] >= 0 and floor["by_shape"][0]["count"] in (1, 5)
 
 
 def test_torch_reference_nf_resnet_matches_ours(torch):
