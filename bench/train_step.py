@@ -49,6 +49,10 @@ LM_PRESETS = {
                      tie_word_embeddings=True),
     "llama-7b": dict(family="llama", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
                      num_kv_heads=32, head_dim=128, intermediate_size=11008),
+    # SmolLM2-135M's shape (the default LM), for machines without its GGUF.
+    "smollm2-135m": dict(family="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+                         num_kv_heads=3, head_dim=64, intermediate_size=1536, rope_theta=100000.0,
+                         tie_word_embeddings=True, max_position_embeddings=8192),
     "llama-tiny": dict(family="llama", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=16, intermediate_size=128),
 }
@@ -210,7 +214,7 @@ def matmul_tflops(dtype: str, size: int | None = None, seconds: float = 1.0) -> 
 
     if size is None:
         size = 2048 if jax.default_backend() == "cpu" else 8192
-    a = jnp.ones((size, size), dtype)
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)  # random data: zeros or ones run faster on GPUs
     matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     matmul(a).block_until_ready()
     start = time.perf_counter()
@@ -455,13 +459,15 @@ def run_jax(case: dict) -> dict:
     from frozenlm_jax.train.step import cpu_step_options, init_params, make_trainer
 
     lm_source, lm_dtype = case["lm"], case["lm_dtype"]
-    overrides = dict(dtype=lm_dtype, param_dtype=lm_dtype, remat=case["lm_remat"])
+    overrides = dict(dtype=lm_dtype, param_dtype=lm_dtype, remat=case["lm_remat"],
+                     attention_impl=case.get("attention_impl", "xla"))
     if lm_source.startswith("random:"):
         lm_config = LMConfig(**LM_PRESETS[lm_source.split(":", 1)[1]], **overrides)
     else:  # the config from the GGUF's metadata, as load_lm reads it, without the tensors
         path = fetch_named(lm_source) if lm_source in NAMED_LMS else Path(lm_source)
         lm_config = gguf_files.config_from_gguf(gguf_files.open_gguf(path), path, **overrides)
-    model = Frozen(lm_config, vision_config(case["vision"]), case["prefix"])
+    vision_overrides = {"pool": case["vision_pool"]} if case.get("vision_pool") else {}
+    model = Frozen(lm_config, vision_config(case["vision"], **vision_overrides), case["prefix"])
     mesh = make_mesh({"data": -1})
     image_size, prefix, caption_len, batch_size = case["image_size"], case["prefix"], case["caption_len"], case["batch"]
     image_shape = (image_size, image_size, 3)
@@ -488,7 +494,7 @@ def run_jax(case: dict) -> dict:
     if lm_source.startswith("random:"):
         lm_params = None  # initialised on the device, in its sharding
     else:
-        lm = load_lm(lm_source, dtype=lm_dtype, remat=case["lm_remat"])
+        lm = load_lm(lm_source, dtype=lm_dtype, remat=case["lm_remat"], attention_impl=overrides["attention_impl"])
         if lm.config != lm_config:
             raise RuntimeError(f"load_lm's config {lm.config} differs from the GGUF metadata's {lm_config}")
         lm_params = lm.params
@@ -513,6 +519,9 @@ def run_jax(case: dict) -> dict:
     result["loss"] = float(metrics["loss"])
     result["step_times_s"] = [round(t, 4) for t in times]
     result.update(rss.result())
+    memory = jax.devices()[0].memory_stats()  # None on CPU
+    if memory and "peak_bytes_in_use" in memory:
+        result["peak_device_mib"] = round(memory["peak_bytes_in_use"] / 2**20)
     if case.get("profile"):
         # The vision side alone (encoder + prefix projection, forward + backward), compiled as the step is.
         vision = vision_prefix(model)
@@ -767,7 +776,7 @@ def summarise(case: dict, runs: dict[str, list[dict]], lm: dict, vision: dict, p
                             "step_peak_rss_mib")},
                "rounds_step_s": [round(statistics.median(r["step_times_s"]), 4) for r in results],
                "loss": results[0]["loss"], "analytic_tflops_per_s": round(flops["total"] / step_s / 1e12, 3)}
-        for key in ("rss_after_setup_mib", "compile_s", "first_step_s", "load_init_s", "matmul_tflops", "device", "xla_flops",
+        for key in ("peak_device_mib", "rss_after_setup_mib", "compile_s", "first_step_s", "load_init_s", "matmul_tflops", "device", "xla_flops",
                     "xla_flops_with_lm_weight_grads", "profile", "torch_threads", "dot_floor"):
             if key in results[0]:
                 out[key] = results[0][key]
@@ -827,6 +836,7 @@ def main():
                         help="a reference that keeps requires_grad=True on the LM (only vision is updated)")
     parser.add_argument("--profile", action="store_true", help="profile every case (not just NF-ResNet-50)")
     parser.add_argument("--lm_remat", default="none", help="ours: the LM's remat policy (none, full, save_dots)")
+    parser.add_argument("--attention_impl", default="xla", help="ours: the LM's attention (xla, cudnn)")
     parser.add_argument("--cpu_scheduler", default="memory", choices=("memory", "default"),
                         help="ours on CPU: XLA's memory-optimised scheduler or its default (concurrency) one")
     parser.add_argument("--xla_flags", default="", help="ours: extra XLA_FLAGS for the JAX child")
@@ -855,7 +865,7 @@ def main():
     base = dict(lm=args.lm, vision=args.vision, image_size=args.image_size, caption_len=args.caption_len,
                 prefix=args.prefix, lm_dtype=args.lm_dtype, steps=args.steps, warmup=args.warmup,
                 torch_compile=args.torch_compile, clipcap=args.clipcap, profile=args.profile,
-                lm_remat=args.lm_remat, cpu_scheduler=args.cpu_scheduler, xla_flags=args.xla_flags,
+                lm_remat=args.lm_remat, attention_impl=args.attention_impl, cpu_scheduler=args.cpu_scheduler, xla_flags=args.xla_flags,
                 lm_weight_grad_flops=args.lm_weight_grad_flops, dot_floor=not args.no_dot_floor)
     cases = [dict(base, batch=int(b), name=f"batch {b}") for b in args.batches.split(",")]
     extra = list(ALL_CASES) if args.all else []

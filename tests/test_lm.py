@@ -11,6 +11,7 @@ import pytest
 from conftest import jit_apply
 
 from frozenlm_jax.decode import greedy_generate
+from frozenlm_jax.models import lm as lm_module
 from frozenlm_jax.models.lm import (DecoderLM, LMConfig, RopeScaling, _write_in_place, accumulating_dot_general,
                                     head_cross_entropy, init_cache)
 
@@ -280,6 +281,7 @@ def test_sliding_window_limits_attention():
     (dict(family="bert"), "unknown LM family 'bert'; supported: llama, gpt2"),
     (dict(num_kv_heads=3), "num_heads=4 is not a multiple of num_kv_heads=3"),
     (dict(remat="some"), "unknown remat policy 'some'"),
+    (dict(attention_impl="flash"), "unknown attention_impl 'flash'; supported: xla, cudnn"),
     (dict(rope_scaling=RopeScaling("yarn", 2.0)), "unsupported rope scaling 'yarn'"),
 ])
 def test_config_errors_name_the_bad_value(bad, message):
@@ -305,3 +307,46 @@ def test_batched_greedy_generation_matches_recomputation(cfg):
     eos = got[0][1]
     first = greedy_generate(model, params, prompts[:1], max_new_tokens=6, eos_id=eos)[0]
     assert first == got[0][:got[0].index(eos)]
+
+
+def _loss_and_input_grad(cfg, params, embeds, attention_mask=None):
+    model = DecoderLM(cfg)
+
+    def loss(x):
+        logits = model.apply({"params": params}, inputs_embeds=x, attention_mask=attention_mask)
+        return (logits[..., :cfg.vocab_size] ** 2).mean(), logits
+    (_, logits), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(embeds)
+    return logits, grad
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, MISTRAL], ids=["llama", "mistral_window"])
+def test_fused_attention_path_matches_the_xla_path(cfg, monkeypatch):
+    """The `attention_impl="cudnn"` branch (jax.nn.dot_product_attention with a causal mask and the sliding
+    window, grouped heads, its output projection), run here through the same API's XLA implementation."""
+    params = init_params(cfg)
+    embeds = jax.random.normal(jax.random.key(2), (2, 9, cfg.hidden_size))
+    expected = _loss_and_input_grad(cfg, params, embeds)
+    fused = lm_module.fused_causal_attention
+    calls = []
+    monkeypatch.setattr(lm_module, "cudnn_can_serve", lambda cfg, causal_only, cached: causal_only and not cached)
+    monkeypatch.setattr(lm_module, "fused_causal_attention",
+                        lambda q, k, v, window, impl: calls.append(impl) or fused(q, k, v, window, "xla"))
+    got = _loss_and_input_grad(cfg.replace(attention_impl="cudnn"), params, embeds)
+    assert calls == ["cudnn"] * cfg.num_layers
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=2e-5, rtol=1e-5)
+    # A padding mask is not causal-only: the XLA path serves it, so a padded key changes nothing it masks.
+    mask = jnp.ones((2, 9), bool).at[1, :3].set(False)
+    calls.clear()
+    padded = _loss_and_input_grad(cfg.replace(attention_impl="cudnn"), params, embeds, mask)
+    assert calls == []
+    np.testing.assert_allclose(padded[0], _loss_and_input_grad(cfg, params, embeds, mask)[0], atol=0)
+
+
+def test_cudnn_attention_falls_back_to_xla_on_cpu():
+    cfg = LLAMA.replace(dtype="bfloat16")
+    params = init_params(cfg)
+    ids = random_ids((2, 8))
+    expected = jit_apply(DecoderLM(cfg), {"params": params}, ids)
+    got = jit_apply(DecoderLM(cfg.replace(attention_impl="cudnn")), {"params": params}, ids)
+    np.testing.assert_array_equal(got, expected)

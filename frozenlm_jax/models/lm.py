@@ -19,6 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 FAMILIES = ("llama", "gpt2")
+# "xla": attention as two einsums and a masked softmax, on every backend. "cudnn": cuDNN's fused (flash)
+# attention through `jax.nn.dot_product_attention` where it can serve (a GPU, bfloat16/float16, head_dim a
+# multiple of 8 up to 128, a causal mask with no padding and no KV cache: training and scoring), else "xla".
+ATTENTION_IMPLS = ("xla", "cudnn")
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -243,6 +247,7 @@ class LMConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"
+    attention_impl: str = "xla"  # ATTENTION_IMPLS
     init_std: float = 0.02  # of random initialisation (pretrained weights replace it)
 
     def __post_init__(self):
@@ -252,6 +257,8 @@ class LMConfig:
             raise ValueError(f"unknown activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; supported: {', '.join(REMAT_POLICIES)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; supported: {', '.join(ATTENTION_IMPLS)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -349,6 +356,20 @@ def _write_in_place(buffer, update, start):
     return _on_bits(lambda b, u: jax.lax.dynamic_update_slice(b, u, start), buffer, update.astype(buffer.dtype))
 
 
+def cudnn_can_serve(cfg: LMConfig, causal_only: bool, cached: bool) -> bool:
+    """Whether `attention_impl="cudnn"` runs cuDNN's fused attention for this call (else the XLA path)."""
+    return (cfg.attention_impl == "cudnn" and causal_only and not cached and jax.default_backend() == "gpu"
+            and cfg.dtype in ("bfloat16", "float16") and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128)
+
+
+def fused_causal_attention(q, k, v, sliding_window: int | None, implementation: str):
+    """Causal attention of q [B, T, heads, head_dim] over k, v [B, T, kv_heads, head_dim] (grouped heads) by
+    `jax.nn.dot_product_attention`; key t - w and later are seen by query t if `sliding_window` is w."""
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
+                                        implementation=implementation)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads, never materialising repeated K/V."""
 
@@ -356,7 +377,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, kv_cache, rope, mask, write_index):
-        """kv_cache: None, or this layer's cache (k/v [B, kv_heads, S, head_dim]), updated in place."""
+        """kv_cache: None, or this layer's cache (k/v [B, kv_heads, S, head_dim]), updated in place.
+        mask: bool [B, T, S] of the keys each query sees, or None for cuDNN's causal attention (`cudnn_can_serve`)."""
         cfg = self.config
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias or cfg.family == "gpt2"
@@ -368,6 +390,9 @@ class Attention(nn.Module):
         v = dense((kvh, hd), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), "v_proj")(x)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if mask is None:
+            out = fused_causal_attention(q, k, v, cfg.sliding_window, "cudnn")
+            return self._out_proj(out), kv_cache
         kv_layout = "bskd"
         if kv_cache is not None:
             # Head-major, the layout of the attention matmuls' operands (sequence-major, every decoding step
@@ -385,12 +410,15 @@ class Attention(nn.Module):
         # Batch axes leading in the result too: asked for [b, t, k, g, d], XLA:CPU multiplied the cached values
         # as a transposed left operand, off YNNPACK (0.35 ms per layer and decoding step at batch 16).
         out = jnp.einsum(f"bkgts,{kv_layout}->bkgtd", probs, v).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
-        out = nn.DenseGeneral(
-            cfg.hidden_size, axis=(-2, -1), use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            dot_general=accumulating_dot_general, kernel_init=_init(cfg.init_std, ("heads", "head_dim", "embed")),
-            bias_init=_zeros(("embed",)),
+        return self._out_proj(out), kv_cache
+
+    def _out_proj(self, out):
+        cfg = self.config
+        return nn.DenseGeneral(
+            cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias or cfg.family == "gpt2", dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, dot_general=accumulating_dot_general,
+            kernel_init=_init(cfg.init_std, ("heads", "head_dim", "embed")), bias_init=_zeros(("embed",)),
             name="o_proj")(out)
-        return out, kv_cache
 
 
 class MLP(nn.Module):
@@ -531,6 +559,7 @@ class DecoderLM(nn.Module):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
         b, t = x.shape[:2]
+        fused_attention = cudnn_can_serve(cfg, causal_only=attention_mask is None, cached=cache is not None)
         attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         start = jnp.zeros((b,), jnp.int32) if cache is None else cache["next_position"]
         if positions is None:
@@ -553,7 +582,7 @@ class DecoderLM(nn.Module):
         allowed = key_slot[None, :] <= query_slot[:, None]
         if cfg.sliding_window is not None:
             allowed &= query_slot[:, None] - key_slot[None, :] < cfg.sliding_window
-        mask = key_valid[:, None, :] & allowed[None]
+        mask = None if fused_attention else key_valid[:, None, :] & allowed[None]  # None: cuDNN's causal mask
         rope = rope_tables(cfg, positions) if cfg.family == "llama" else None
 
         if cfg.scan_layers:
