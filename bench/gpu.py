@@ -8,7 +8,8 @@ Parts, each in its own child process (its own peak device memory, and a crash or
   random HF checkpoints made here by transformers (Llama with grouped KV heads, Mistral with a sliding window,
   GPT-2; every tensor perturbed) loaded by `load_lm`: logits on the accelerator against the same params on
   `jax.devices("cpu")` and against transformers; greedy decoding with the KV cache, the tokens of both; 3 Frozen
-  training steps on a one-device mesh of each: losses, the vision parameters' updates, the LM bit-identical.
+  training steps on a one-device mesh of each: losses, the vision parameters' updates, the LM bit-identical; on
+  the accelerator, a bfloat16 LM with `attention_impl="cudnn"` against "xla" (logits, input gradients).
 - `train_1b`: `bench/train_step.py`'s step on the 1B-class random Llama in bfloat16 (batch 64 x 256 tokens),
   once per attention implementation (`LMConfig.attention_impl`): s/step, tokens/s, peak device memory, MFU
   against `--peak_tflops` and against a bfloat16 matmul measured in the same process, the profile's top ops.
@@ -158,6 +159,38 @@ def check_steps(cpu, accelerator, steps: int = 3) -> dict:
             "pass": bool(loss_diff < 1e-4 and update_err < 1e-3 and all(lm_identical.values()))}
 
 
+def check_cudnn_attention(accelerator) -> dict:
+    """On the accelerator, a bfloat16 LM's logits and input gradients with `attention_impl="cudnn"` against
+    "xla", and whether the compiled program calls cuDNN's fused attention (on a CPU it falls back to "xla")."""
+    import jax
+    import numpy as np
+    from flax import linen as nn
+
+    from frozenlm_jax.models.lm import DecoderLM, LMConfig
+
+    config = LMConfig(**dict(LM_PRESETS["llama-tiny"], head_dim=32, sliding_window=24), dtype="bfloat16",
+                      param_dtype="bfloat16")
+    with jax.default_device(accelerator):
+        params = nn.unbox(DecoderLM(config).init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"])
+        embeds = jax.random.normal(jax.random.key(1), (4, 63, config.hidden_size), "bfloat16")
+        out, hlo = {}, ""
+        for impl in ("xla", "cudnn"):
+            model = DecoderLM(config.replace(attention_impl=impl))
+
+            def loss(x, model=model):
+                logits = model.apply({"params": params}, inputs_embeds=x)
+                return (logits.astype("float32") ** 2).mean(), logits
+
+            step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+            (_, logits), grad = step(embeds)
+            out[impl] = (np.asarray(logits, np.float32)[..., :config.vocab_size], np.asarray(grad, np.float32))
+            hlo = step.lower(embeds).compile().as_text()
+    logits_err = relative_error(out["cudnn"][0], out["xla"][0])
+    grad_err = relative_error(out["cudnn"][1], out["xla"][1])
+    return {"cudnn_called": "fmha" in hlo, "logits_rel_err_vs_xla": logits_err, "input_grad_rel_err_vs_xla": grad_err,
+            "pass": bool(logits_err < 2e-2 and grad_err < 5e-2)}
+
+
 def part_correctness(quick: bool) -> dict:
     import jax
 
@@ -168,6 +201,7 @@ def part_correctness(quick: bool) -> dict:
         for family in TINY_LMS:
             result[family] = check_lm(family, cpu, accelerator, Path(tmp) / family, quick)
     result["frozen_steps"] = check_steps(cpu, accelerator)
+    result["cudnn_attention"] = check_cudnn_attention(accelerator)
     result["pass"] = all(v["pass"] for v in result.values() if isinstance(v, dict))
     return result
 
@@ -280,6 +314,10 @@ def markdown(results: dict) -> str:
         lines.append(f"| 3 Frozen steps | loss max abs diff {s['loss_max_abs_diff']:.2e}, vision update rel "
                      f"{s['vision_update_rel_err']:.2e}, LM bit-identical {s['lm_bit_identical']} | "
                      f"{'pass' if s['pass'] else 'FAIL'} |")
+        a = c["cudnn_attention"]
+        lines.append(f"| bfloat16 attention_impl cudnn vs xla (cuDNN called: {a['cudnn_called']}) | logits rel "
+                     f"{a['logits_rel_err_vs_xla']:.2e}, input grads rel {a['input_grad_rel_err_vs_xla']:.2e} | "
+                     f"{'pass' if a['pass'] else 'FAIL'} |")
         lines.append("")
     rows = [r for p in ("train_1b", "main_job") for r in results.get(p, {}).get("rows", [])]
     steps = [r for r in rows if "error" not in r]

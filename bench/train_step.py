@@ -261,7 +261,8 @@ def hlo_computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
 
 
 def hlo_op_categories(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> "convolution", "matmul" or "other", looking inside fusions' computations."""
+    """HLO instruction name -> "convolution", "matmul", "attention" (cuDNN's) or "other", looking inside fusions'
+    computations."""
     bodies, _ = hlo_computations(hlo_text)
 
     def category(opcode: str, line: str, depth: int = 0) -> str:
@@ -269,6 +270,12 @@ def hlo_op_categories(hlo_text: str) -> dict[str, str]:
             return "convolution"
         if opcode == "dot":
             return "matmul"
+        if opcode == "custom-call":  # GPU libraries: cuBLAS gemms, cuDNN convolutions and fused attention
+            target = (re.findall(r'custom_call_target="([^"]+)"', line) or [""])[0]
+            for word, kind in (("gemm", "matmul"), ("matmul", "matmul"), ("conv", "convolution"),
+                               ("fmha", "attention")):
+                if word in target:
+                    return kind
         called = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line)
         found = set()
         for name in called if depth < 3 else ():
@@ -388,15 +395,21 @@ def xla_profile(compiled, args, steps: int = 2, top: int = 12) -> dict:
         if not files:
             return {}
         data = jax.profiler.ProfileData.from_file(str(files[0]))
-    # Events named after an instruction of the compiled HLO are its ops (XLA:CPU thunks run on several threads;
-    # GPU/TPU planes have an "XLA Ops" line).
+    # On CPU, events named after an instruction of the compiled HLO are its ops (XLA:CPU thunks run on several
+    # threads). On a GPU or TPU, the device planes' events are the kernels that ran: named after their fusion for
+    # XLA's own, after the library kernel for cuBLAS/cuDNN (an H200 with jax 0.11 had one line, the stream's);
+    # host planes then hold only launches and are left out.
     categories = hlo_op_categories(compiled.as_text())
+    device_planes = [p for p in data.planes if p.name.startswith(("/device:GPU", "/device:TPU"))]
     totals: dict[str, float] = {}
-    for plane in data.planes:
+    for plane in device_planes or data.planes:
         for line in plane.lines:
             for event in line.events:
-                if event.name in categories:
-                    totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns / 1e6
+                name = event.name
+                if device_planes:
+                    categories.setdefault(name, "matmul" if "gemm" in name.lower() else "other")
+                if name in categories:
+                    totals[name] = totals.get(name, 0.0) + event.duration_ns / 1e6
     by_kind: dict[str, float] = {}
     by_category: dict[str, float] = {}
     for name, ms in totals.items():
@@ -409,7 +422,7 @@ def xla_profile(compiled, args, steps: int = 2, top: int = 12) -> dict:
             "by_category_ms_per_step": {k: round(v / steps, 1) for k, v in sorted(by_category.items())},
             "by_kind_ms_per_step": {k: round(v / steps, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])
                                     if v / total > 0.01},
-            "top_ops_ms_per_step": {n: round(ms / steps, 1) for n, ms in ranked}}
+            "top_ops_ms_per_step": {n[:120]: round(ms / steps, 1) for n, ms in ranked}}
 
 
 def compiler_options(case: dict) -> dict:

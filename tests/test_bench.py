@@ -160,3 +160,30 @@ def test_bf16_logits_bench_runs():
 @pytest.mark.parametrize("script", ["train_step.py", "decode.py", "compile_time.py", "scaling.py", "bf16_logits.py"])
 def test_bench_scripts_have_help(script):
     assert "usage" in run_bench(script, "--help")
+
+
+def test_gpu_bench_runs_its_checks_on_the_cpu(torch, tmp_path):
+    """bench/gpu.py on a machine without an accelerator: every check runs, the CPU compared to itself."""
+    run_bench("gpu.py", "--quick", "--parts=correctness,main_job", f"--out={tmp_path}")
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert results["correctness"]["pass"] and results["device"] == "cpu"
+    assert results["correctness"]["frozen_steps"]["lm_bit_identical"] == {"cpu": True, "accelerator": True}
+    assert results["correctness"]["cudnn_attention"]["cudnn_called"] is False  # no GPU: the XLA path serves
+    [row] = results["main_job"]["rows"]
+    assert row["step_s"] > 0 and row["quick_start_600_steps_s"] == round(600 * row["step_s"], 1)
+    table = (tmp_path / "gpu.md").read_text()
+    assert "| 3 Frozen steps |" in table and "| main job | xla |" in table
+
+
+def test_gpu_library_calls_are_categorised():
+    sys.path.insert(0, str(BENCH))
+    from train_step import hlo_op_categories
+
+    hlo = """ENTRY %main (p: bf16[8,8]) -> bf16[8,8] {
+  %gemm.1 = (bf16[8,8], s8[0]) custom-call(bf16[8,8] %p, bf16[8,8] %p), custom_call_target="__cublas$gemm"
+  %fmha.2 = (bf16[1,8,8]) custom-call(bf16[1,8,8] %q), custom_call_target="__cudnn$fmhaSoftmax"
+  %conv.3 = (f32[1,8,8,4]) custom-call(f32[1,8,8,3] %x), custom_call_target="__cudnn$convForward"
+  ROOT %add.4 = bf16[8,8] add(bf16[8,8] %p, bf16[8,8] %p)
+}"""
+    assert hlo_op_categories(hlo) == {"gemm.1": "matmul", "fmha.2": "attention", "conv.3": "convolution",
+                                      "add.4": "other"}

@@ -15,12 +15,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
 
 FAMILIES = ("llama", "gpt2")
 # "xla": attention as two einsums and a masked softmax, on every backend. "cudnn": cuDNN's fused (flash)
-# attention through `jax.nn.dot_product_attention` where it can serve (a GPU, bfloat16/float16, head_dim a
+# attention through `jax.nn.dot_product_attention` where it can serve (a CUDA GPU, bfloat16/float16, head_dim a
 # multiple of 8 up to 128, a causal mask with no padding and no KV cache: training and scoring), else "xla".
 ATTENTION_IMPLS = ("xla", "cudnn")
 ACTIVATIONS = {
@@ -359,6 +360,7 @@ def _write_in_place(buffer, update, start):
 def cudnn_can_serve(cfg: LMConfig, causal_only: bool, cached: bool) -> bool:
     """Whether `attention_impl="cudnn"` runs cuDNN's fused attention for this call (else the XLA path)."""
     return (cfg.attention_impl == "cudnn" and causal_only and not cached and jax.default_backend() == "gpu"
+            and "cuda" in jax.extend.backend.get_backend().platform_version
             and cfg.dtype in ("bfloat16", "float16") and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128)
 
 
@@ -366,8 +368,12 @@ def fused_causal_attention(q, k, v, sliding_window: int | None, implementation: 
     """Causal attention of q [B, T, heads, head_dim] over k, v [B, T, kv_heads, head_dim] (grouped heads) by
     `jax.nn.dot_product_attention`; key t - w and later are seen by query t if `sliding_window` is w."""
     window = None if sliding_window is None else (sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
-                                        implementation=implementation)
+    t = q.shape[1]
+    if t % 2:  # cuDNN's training kernels take even lengths; a key after every query is masked for all of them
+        q, k, v = (jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0))) for a in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
+                                       implementation=implementation)
+    return out[:, :t]
 
 
 class Attention(nn.Module):

@@ -17,6 +17,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.lm.dtype = "float32"  # storage and compute dtype of the LM ("bfloat16" halves a frozen LM's memory)
     c.lm.scan_layers = False
     c.lm.remat = "none"  # none | full | save_dots: activation checkpointing of LM blocks
+    # xla | cudnn: cuDNN's fused attention on a CUDA GPU in bfloat16/float16 (1.25x faster 1B-class step on an
+    # H200, docs/benchmarks.md), the XLA path elsewhere
+    c.lm.attention_impl = "xla"
     c.lm.tokenizer = "bytes"  # for source="random": "bytes" or an LM source whose tokenizer to use
     c.lm.random = ml_collections.ConfigDict(dict(
         family="llama", vocab_size=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,

@@ -56,7 +56,7 @@ def maybe_initialize_distributed() -> None:
 def build_lm(config: ml_collections.ConfigDict, mesh, rules):
     """(LMConfig, LM params or None for a random LM, tokenizer, source string) from `config.lm`."""
     c = config.lm
-    overrides = dict(scan_layers=c.scan_layers, remat=c.remat)
+    overrides = dict(scan_layers=c.scan_layers, remat=c.remat, attention_impl=c.attention_impl)
     if c.source != "random":
         lm = load_lm(c.source, dtype=c.dtype, mesh=mesh, rules=rules, **overrides)
         if lm.tokenizer is None:
