@@ -1,7 +1,7 @@
 """What bfloat16 costs in accuracy: logits of the LM in bfloat16 against float32, ours beside transformers'.
 
-    python bench/bf16_logits.py                       # SmolLM2-135M on the decode benchmark's prompts
-    python bench/bf16_logits.py --lm=random:llama-tiny
+    python -m bench.bf16_logits                       # SmolLM2-135M on the decode benchmark's prompts
+    python -m bench.bf16_logits --lm=random:llama-tiny
 
 Every logit is compared with our float32 logits on the same tokens (one row per prompt, no padding): the
 maximum and mean absolute difference over the real vocabulary, and how often the top token agrees. Ours in
@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import prompt_ids  # noqa: E402
-from train_step import LM_PRESETS, load_torch_lm, resolve_lm_config  # noqa: E402
+from bench.decode import prompt_ids
+from bench.workload import LM_PRESETS, resolve_lm_config
 
 
 def jax_logits(lm: str, dtype: str, prompts: list[list[int]]):
@@ -44,6 +41,8 @@ def jax_logits(lm: str, dtype: str, prompts: list[list[int]]):
 
 def torch_logits(lm: str, lm_config: dict, dtype: str, prompts: list[list[int]]):
     import torch
+
+    from bench.torch_reference import load_torch_lm
 
     model = load_torch_lm(lm, lm_config, getattr(torch, dtype)).eval()
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """Compile time of the training step and of greedy decoding, `scan_layers` off and on, as the LM gets deeper.
 
-    python bench/compile_time.py                       # llama-tiny width, 2, 4, 8, 16, 32 layers
-    python bench/compile_time.py --depths=2,4 --vision=nf_resnet_tiny   # smoke test
+    python -m bench.compile_time                       # llama-tiny width, 2, 4, 8, 16, 32 layers
+    python -m bench.compile_time --depths=2,4 --vision=nf_resnet_tiny   # smoke test
 
 Random-weight LMs of llama-tiny width (hidden 64, 4 heads, 2 KV heads, MLP 128) so that the time is the
 compiler's, not the weights'. Train step: `make_trainer(...).step.lower(...)` (trace + lowering) and
@@ -15,14 +15,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lm_load_forward import cpu_model  # noqa: E402
-from train_step import LM_PRESETS, make_batch  # noqa: E402
+from bench.children import run_json_child
+from bench.measure import cpu_model
+from bench.workload import LM_PRESETS, make_batch
 
 
 def measure(depth: int, scan: bool, vision: str, image_size: int, batch: int, caption_len: int,
@@ -94,11 +92,8 @@ def main():
     rows = []
     for depth in [int(d) for d in args.depths.split(",")]:
         for scan in [s == "1" for s in args.scans.split(",")]:
-            cmd = [sys.executable, __file__, *sys.argv[1:], f"--child={depth}:{int(scan)}"]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=uncached_env)
-            if out.returncode:
-                sys.exit(f"child failed (depth {depth}, scan_layers={scan}):\n{out.stderr[-4000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(run_json_child("bench.compile_time", [*sys.argv[1:], f"--child={depth}:{int(scan)}"],
+                                       f"child failed (depth {depth}, scan_layers={scan})", uncached_env))
             print(json.dumps(rows[-1]), flush=True)
     load = os.getloadavg()
     print(f"\n# load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

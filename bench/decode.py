@@ -1,10 +1,10 @@
 """Greedy decoding with the KV cache, tokens/s: ours (`frozenlm_jax.decode.greedy_generate`) against
 transformers' `generate` on the same prompts.
 
-    python bench/decode.py                       # SmolLM2-135M, batch 1 and 16, 64 new tokens, 2 rounds
-    python bench/decode.py --batches=1,16,64 --max_new_tokens=128
-    python bench/decode.py --dtype=bfloat16         # bfloat16 weights and compute, both implementations
-    python bench/decode.py --lm=random:llama-tiny --batches=2 --max_new_tokens=4 --rounds=1   # smoke test
+    python -m bench.decode                       # SmolLM2-135M, batch 1 and 16, 64 new tokens, 2 rounds
+    python -m bench.decode --batches=1,16,64 --max_new_tokens=128
+    python -m bench.decode --dtype=bfloat16         # bfloat16 weights and compute, both implementations
+    python -m bench.decode --lm=random:llama-tiny --batches=2 --max_new_tokens=4 --rounds=1   # smoke test
 
 Both decode greedily, with no early stopping (ours: eos_id=None; transformers: no eos_token_id and
 min_new_tokens = max_new_tokens), from the same left-padded token ids (ours rounds the prompt length up to a bucket of 16,
@@ -20,14 +20,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lm_load_forward import cpu_model  # noqa: E402
-from train_step import LM_PRESETS, PeakRSS, load_torch_lm, resolve_lm_config  # noqa: E402
+from bench.children import run_json_child
+from bench.measure import PeakRSS, cpu_model
+from bench.workload import LM_PRESETS, resolve_lm_config
 
 PROMPTS = [
     "The capital of France is",
@@ -99,6 +98,8 @@ def time_calls(call, repeats: int):
 def run_torch(lm: str, dtype: str, lm_config: dict, prompts, max_new_tokens: int, repeats: int) -> dict:
     import torch
 
+    from bench.torch_reference import load_torch_lm
+
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     model = load_torch_lm(lm, lm_config, getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = None  # as ours with eos_id=None: EOS is an ordinary token, no stop
@@ -154,12 +155,8 @@ def main():
         runs = {impl: [] for impl in impls}
         for round_index in range(args.rounds):
             for impl in impls:
-                cmd = [sys.executable, __file__, *[a for a in sys.argv[1:]], f"--child={impl}",
-                       "--child_args=" + json.dumps([prompts, lm_config])]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode:
-                    sys.exit(f"{impl} child failed (batch {batch}):\n{out.stderr[-4000:]}")
-                runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                child_args = [*sys.argv[1:], f"--child={impl}", "--child_args=" + json.dumps([prompts, lm_config])]
+                runs[impl].append(run_json_child("bench.decode", child_args, f"{impl} child failed (batch {batch})"))
                 print(f"# batch {batch} round {round_index + 1} {impl}: "
                       f"{statistics.median(runs[impl][-1]['times_s']):.3f} s/call", flush=True)
         row = {"batch": batch, "max_new_tokens": args.max_new_tokens,

@@ -1,7 +1,7 @@
 """On a GPU: the model, the training step and decoding checked against the CPU and measured, in one run.
 
-    python bench/gpu.py --out=/tmp/gpu                  # every part; writes gpu.json and gpu.md there
-    python bench/gpu.py --parts=correctness --quick     # a small run (what tests/test_bench.py runs on the CPU)
+    python -m bench.gpu --out=/tmp/gpu                  # every part; writes gpu.json and gpu.md there
+    python -m bench.gpu --parts=correctness --quick     # a small run (what tests/test_bench.py runs on the CPU)
 
 Parts, each in its own child process (its own peak device memory, and a crash or timeout loses only it):
 - `correctness`: with `jax_default_matmul_precision="highest"` (GPUs run float32 dots as TF32 by default), tiny
@@ -10,7 +10,7 @@ Parts, each in its own child process (its own peak device memory, and a crash or
   `jax.devices("cpu")` and against transformers; greedy decoding with the KV cache, the tokens of both; 3 Frozen
   training steps on a one-device mesh of each: losses, the vision parameters' updates, the LM bit-identical; on
   the accelerator, a bfloat16 LM with `attention_impl="cudnn"` against "xla" (logits, input gradients).
-- `train_1b`: `bench/train_step.py`'s step on the 1B-class random Llama in bfloat16 (batch 64 x 256 tokens),
+- `train_1b`: `bench.train_step`'s step on the 1B-class random Llama in bfloat16 (batch 64 x 256 tokens),
   once per attention implementation (`LMConfig.attention_impl`): s/step, tokens/s, peak device memory, MFU
   against `--peak_tflops` and against a bfloat16 matmul measured in the same process, the profile's top ops.
 - `decode`: greedy decoding tokens/s of the same LM at batch 1 and 64.
@@ -31,7 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from train_step import LM_PRESETS, analytic_step_flops, make_batch, run_jax, vision_shapes
+from bench.children import module_command
+from bench.train_step import run_jax
+from bench.workload import LM_PRESETS, analytic_step_flops, make_batch, vision_shapes
 
 PARTS = ("correctness", "train_1b", "decode", "main_job")
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "transformers", "torch", "numpy",
@@ -363,7 +365,8 @@ def main():
     # The parent leaves JAX unimported: a JAX process on a GPU holds most of its memory.
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "versions": versions()}
+    results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python -m bench.gpu", *sys.argv[1:]]),
+               "versions": versions()}
     print(json.dumps(results), flush=True)
     deadline = time.perf_counter() + args.budget_s
     for part in parts:
@@ -371,7 +374,7 @@ def main():
         if deadline - start < 20:
             results[part] = {"error": f"skipped: under 20 s of --budget_s={args.budget_s} left"}
             continue
-        cmd = [sys.executable, __file__, f"--part={part}", f"--peak_tflops={args.peak_tflops}"]
+        cmd = module_command("bench.gpu", f"--part={part}", f"--peak_tflops={args.peak_tflops}")
         try:
             child = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True,
                                    timeout=deadline - start)

@@ -1,6 +1,6 @@
 """Load time, host peak memory and 1x128-token forward time of an LM, beside transformers' PyTorch model.
 
-    python bench/lm_load_forward.py [--lm=smollm2-135m] [--tokens=128] [--repeats=20]
+    python -m bench.lm_load_forward [--lm=smollm2-135m] [--tokens=128] [--repeats=20]
 
 Loading runs in a fresh child process so its peak resident memory is its own; the forward passes of both
 implementations run in this process on the same token ids, alternating, and medians are compared.
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from bench.measure import cpu_model
 
 LOAD_CHILD = """
 import json, resource, sys, time
@@ -32,17 +33,6 @@ print(json.dumps({"import_s": imported - start, "load_s": done - imported,
                   "rss_after_import_mib": base_rss / 1024,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure_load(lm: str) -> dict:

@@ -1,7 +1,7 @@
 """Scaling on paper: the paper's 7B setup on a TPU v3-64 and on an 8xH100 node, from the code's own compiled step.
 
-    python bench/scaling.py                        # 7B Llama shape, NF-ResNet-50 at 224 px, batch 128, both targets
-    python bench/scaling.py --targets=h100x8 --layers=1,2 --lm=random:llama-tiny --vision=nf_resnet_tiny \\
+    python -m bench.scaling                        # 7B Llama shape, NF-ResNet-50 at 224 px, batch 128, both targets
+    python -m bench.scaling --targets=h100x8 --layers=1,2 --lm=random:llama-tiny --vision=nf_resnet_tiny \\
         --image_size=32 --batch=16 --caption_len=8      # smoke test
 
 For each target the training step is built exactly as training builds it (`make_trainer` on a mesh from
@@ -21,7 +21,7 @@ counted. The temporaries are a peak over the whole step: where the vision encode
 LM's activations, they do not grow with LM depth at all. Temporaries are XLA:CPU's buffer assignment of the
 same partitioned program, compiled with its memory-optimised scheduler (the default one overlaps ops and undoes remat): an
 estimate of what the TPU/GPU compilers would assign, not their number. Step time at 50% MFU =
-model FLOPs (the analytic count of `train_step.analytic_step_flops`, no remat recompute) /
+model FLOPs (the analytic count of `bench.workload.analytic_step_flops`, no remat recompute) /
 (devices x spec peak x 0.5).
 """
 
@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import LM_PRESETS, analytic_step_flops  # noqa: E402
+from bench.children import run_json_child
+from bench.workload import LM_PRESETS, analytic_step_flops, vision_shapes
 
 GIB = 2 ** 30
 TARGETS = {
@@ -136,11 +135,8 @@ def run_child(target_key: str, job: str, argv) -> dict:
     flags = (f" --xla_force_host_platform_device_count={TARGETS[target_key]['devices']}"
              " --xla_cpu_experimental_ynn_fusion_type=dot")
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + flags).strip(), JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, __file__, *argv, f"--child={target_key}:{job}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode:
-        sys.exit(f"child {target_key}:{job} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json_child("bench.scaling", [*argv, f"--child={target_key}:{job}"], f"child {target_key}:{job} failed",
+                          env)
 
 
 def fit(points: list[dict], key: str) -> dict:
@@ -192,8 +188,6 @@ def main():
     compiled_layers = sorted(int(n) for n in args.layers.split(","))
     if len(compiled_layers) < 2:
         sys.exit("--layers needs at least two layer counts to extrapolate from")
-    from train_step import vision_shapes
-
     vision = vision_shapes(args.vision)
     flops = analytic_step_flops(lm, vision, args.batch, args.image_size, args.prefix, args.caption_len)
     print(f"# {args.lm} ({full_layers} layers, hidden {lm['hidden_size']}) in bfloat16, frozen; {args.vision} at "

@@ -1,61 +1,42 @@
 """Frozen training step: ours (JAX) against a PyTorch reference of the same computation; time, memory, MFU.
 
-    python bench/train_step.py                  # headline: SmolLM2-135M + nf_resnet_small, 64 px, batch 32
-    python bench/train_step.py --all            # + batch 8, bfloat16 frozen LM, NF-ResNet-50 at 224 px (profiled)
-    python bench/train_step.py --torch_compile  # the reference under torch.compile
-    python bench/train_step.py --clipcap        # a reference that leaves the LM's gradients on (ClipCap-style)
-    python bench/train_step.py --lm=random:llama-1b --lm_dtype=bfloat16 --batches=64 --caption_len=254 --impls=jax
+    python -m bench.train_step                  # headline: SmolLM2-135M + nf_resnet_small, 64 px, batch 32
+    python -m bench.train_step --all            # + batch 8, bfloat16 frozen LM, NF-ResNet-50 at 224 px (profiled)
+    python -m bench.train_step --torch_compile  # the reference under torch.compile
+    python -m bench.train_step --clipcap        # a reference that leaves the LM's gradients on (ClipCap-style)
+    python -m bench.train_step --lm=random:llama-1b --lm_dtype=bfloat16 --batches=64 --caption_len=254 --impls=jax
 
 The step: images -> NF-ResNet -> pooled feature -> Dense(C -> n*D) -> n prefix embeddings, placed before the
 caption's token embeddings in a frozen LM; loss = next-token cross-entropy on the caption tokens only (the LM
 head applied only where a caption token is predicted); Adam (with global-norm clipping) on the vision
 parameters only. Ours is `frozenlm_jax.train.step.make_trainer`; the reference is transformers'
 `LlamaForCausalLM` loaded from the same GGUF with `requires_grad=False` on every LM parameter, plus the torch
-NF-ResNet below (same shapes as `frozenlm_jax.models.vision`). Each implementation runs in its own child
-process (so peak resident memory is its own), alternating A B A B over `--rounds`; medians are reported with
-the ratio reference time / our time (the speed-up). MFU: FLOPs of the step (XLA's cost analysis and the
-analytic count of `analytic_step_flops`) / step time / a large matmul measured in the same process
-(and / --peak_tflops, the chip's spec peak, if given). XLA's cost analysis counts a loop's body once, so it
-misses all but one vocabulary chunk of the LM head (`models.lm.head_cross_entropy`); the analytic count
-does not. The dot floor (`dot_floor`, on CPU, in the first round): every dot of our compiled step timed alone,
-summed; the reference's step time over it is the most a step running these dots, and nothing else, could gain.
+NF-ResNet of `bench.torch_reference` (same shapes as `frozenlm_jax.models.vision`). Each implementation runs
+in its own child process (so peak resident memory is its own), alternating A B A B over `--rounds`; medians are
+reported with the ratio reference time / our time (the speed-up). MFU: FLOPs of the step (XLA's cost analysis and the
+analytic count of `bench.workload.analytic_step_flops`) / step time / a large matmul measured in the same
+process (and / --peak_tflops, the chip's spec peak, if given). XLA's cost analysis counts a loop's body once,
+so it misses all but one vocabulary chunk of the LM head (`models.lm.head_cross_entropy`); the analytic count
+does not. The dot floor (`bench.hlo.dot_floor`, on CPU, in the first round): every dot of our compiled step timed
+alone, summed; the reference's step time over it is the most a step running these dots, and nothing else, could
+gain.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import dataclasses
-import gc
 import json
-import math
 import os
-import re
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lm_load_forward import cpu_model  # noqa: E402
+from bench.children import run_json_child
+from bench.hlo import dot_floor, xla_profile
+from bench.measure import PeakRSS, cpu_model, matmul_tflops, median_seconds
+from bench.workload import LM_PRESETS, analytic_step_flops, make_batch, resolve_lm_config, vision_shapes
 
-# Random-weight LMs of published shapes (no download): name -> LMConfig fields.
-LM_PRESETS = {
-    "llama-1b": dict(family="llama", vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
-                     num_kv_heads=8, head_dim=64, intermediate_size=8192, rope_theta=500000.0,
-                     tie_word_embeddings=True),
-    "llama-7b": dict(family="llama", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
-                     num_kv_heads=32, head_dim=128, intermediate_size=11008),
-    # SmolLM2-135M's shape (the default LM), for machines without its GGUF.
-    "smollm2-135m": dict(family="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
-                         num_kv_heads=3, head_dim=64, intermediate_size=1536, rope_theta=100000.0,
-                         tie_word_embeddings=True, max_position_embeddings=8192),
-    "llama-tiny": dict(family="llama", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
-                       num_kv_heads=2, head_dim=16, intermediate_size=128),
-}
 # The cases of --all, each a change to the headline case.
 ALL_CASES = {
     "batch 8": dict(batch=8),
@@ -65,365 +46,8 @@ ALL_CASES = {
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shared helpers
-# ----------------------------------------------------------------------------------------------------------------
-
-def reset_peak_rss() -> bool:
-    """Reset this process's high-water RSS (Linux: clear_refs 5; it resets ru_maxrss too)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def current_peak_rss_mib() -> int:
-    """This process's high-water resident memory (ru_maxrss) since start or the last reset, in MiB."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-
-
-def rss_mib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024)
-    return 0
-
-
-class PeakRSS:
-    """Peak resident memory of each phase of a child: ours `compile` (ahead of time, from process start), then
-    `setup` (load, init; the reference's from process start), `first_step` and `step` (the steady-state
-    steps). Between phases, freed memory goes back to the OS (malloc_trim, the same for both
-    implementations) and the high-water mark is reset; `peak_rss_mib` is the whole life's."""
-
-    def __init__(self):
-        self.phases: dict[str, int] = {}
-        self.current = "setup"
-
-    def next_phase(self, name: str):
-        self.phases[self.current] = current_peak_rss_mib()
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.phases[f"rss_after_{self.current}"] = rss_mib()
-        if not reset_peak_rss():  # no reset possible: one high-water mark covers every phase
-            self.phases = {}
-        self.current = name
-
-    def result(self) -> dict:
-        self.phases[self.current] = current_peak_rss_mib()
-        peaks = [v for k, v in self.phases.items() if not k.startswith("rss_after")]
-        return {"peak_rss_mib": max(peaks), **{f"{k}_peak_rss_mib" if not k.startswith("rss_after") else f"{k}_mib": v
-                                                for k, v in self.phases.items()}}
-
-
-def median_seconds(call, repeats: int = 3) -> float:
-    """Median wall time of `call()` over `repeats` calls, after one untimed call."""
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times), 4)
-
-
-def resolve_lm_config(lm: str) -> dict:
-    """HF-style shape of the LM (from the preset, or from the GGUF's metadata without loading tensors)."""
-    if lm.startswith("random:"):
-        name = lm.split(":", 1)[1]
-        if name not in LM_PRESETS:
-            raise SystemExit(f"unknown LM preset {name!r}; available: {', '.join(LM_PRESETS)}")
-        return dict(LM_PRESETS[name])
-    from frozenlm_jax.checkpoints import gguf as gguf_files
-    from frozenlm_jax.checkpoints.registry import NAMED_LMS, fetch_named
-
-    path = fetch_named(lm) if lm in NAMED_LMS else Path(lm)
-    config = gguf_files.config_from_gguf(gguf_files.open_gguf(path), path)
-    fields = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-              "intermediate_size", "rope_theta", "tie_word_embeddings", "norm_eps")
-    return {f: getattr(config, f) for f in fields} | {"gguf": str(path)}
-
-
-def vision_shapes(name: str) -> dict:
-    from frozenlm_jax.models.vision import vision_config
-
-    return dataclasses.asdict(vision_config(name))
-
-
-def conv_layers(vision: dict, image_size: int):
-    """(kernel, stride, c_in, c_out, out_size) of every convolution of the NF-ResNet, in order."""
-    layers = []
-    size = math.ceil(image_size / vision["stem_stride"])
-    layers.append((vision["stem_kernel"], vision["stem_stride"], 3, vision["stem_width"], size))
-    if vision["stem_pool"]:
-        size = math.ceil(size / 2)
-    channels = vision["stem_width"]
-    for stage, (depth, width) in enumerate(zip(vision["depths"], vision["widths"])):
-        for index in range(depth):
-            stride = 2 if index == 0 and stage > 0 else 1
-            out = math.ceil(size / stride)
-            mid = max(1, int(width * vision["bottleneck_ratio"]))
-            if stride != 1 or channels != width:
-                layers.append((1, stride, channels, width, out))
-            layers += [(1, 1, channels, mid, size), (3, stride, mid, mid, out), (1, 1, mid, width, out)]
-            channels, size = width, out
-    return layers
-
-
-def analytic_step_flops(lm: dict, vision: dict, batch: int, image_size: int, prefix: int, caption_len: int,
-                        padded_vocab: int | None = None) -> dict:
-    """Matmul/convolution FLOPs of one Frozen step (2 per multiply-add; elementwise work not counted).
-
-    vision: forward, and backward = gradients w.r.t. weights and inputs (none w.r.t. the image);
-    prefix projection: forward + both gradients; LM: forward, and the activation-only backward (no weight
-    gradients: 1x forward for every linear layer, 2x for attention's two activation-activation products),
-    over all positions but the last (which predicts nothing; the reference computes it too, ours does not);
-    LM head: only at the `caption_len` target positions, forward + input gradient.
-    """
-    convs = conv_layers(vision, image_size)
-    conv = [2 * batch * out * out * k * k * cin * cout for k, _, cin, cout, out in convs]
-    vision_fwd = sum(conv)
-    vision_bwd = 2 * vision_fwd - conv[0]
-    d, t = lm["hidden_size"], prefix + caption_len - 1
-    q, kv = lm["num_heads"] * lm["head_dim"], lm["num_kv_heads"] * lm["head_dim"]
-    linear_per_token = 2 * (d * q + 2 * d * kv + q * d + 3 * d * lm["intermediate_size"])
-    attention_per_seq = 4 * t * t * q  # QK^T and PV over the full T x T (masked, not skipped)
-    lm_layers_fwd = lm["num_layers"] * (batch * t * linear_per_token + batch * attention_per_seq)
-    lm_layers_bwd = lm["num_layers"] * (batch * t * linear_per_token + 2 * batch * attention_per_seq)
-    vocab = padded_vocab or -(-lm["vocab_size"] // 128) * 128
-    head = 2 * batch * caption_len * d * vocab
-    proj = 2 * batch * vision["widths"][-1] * prefix * d
-    parts = {"vision_fwd": vision_fwd, "vision_bwd": vision_bwd, "prefix_proj": 3 * proj,
-             "lm_fwd": lm_layers_fwd + head, "lm_bwd_activations": lm_layers_bwd + head}
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Ours: JAX
 # ----------------------------------------------------------------------------------------------------------------
-
-def matmul_tflops(dtype: str, size: int | None = None, seconds: float = 1.0) -> float:
-    """Achieved TFLOP/s of a [size, size] @ [size, size] matmul in `dtype` on the default device, accumulating in
-    float32 as the LM's matmuls do (`accumulating_dot_general`)."""
-    import jax
-    import jax.numpy as jnp
-
-    if size is None:
-        size = 2048 if jax.default_backend() == "cpu" else 8192
-    a = jax.random.normal(jax.random.key(0), (size, size), dtype)  # random data: zeros or ones run faster on GPUs
-    matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
-    matmul(a).block_until_ready()
-    start = time.perf_counter()
-    out = matmul(a)
-    out.block_until_ready()
-    once = time.perf_counter() - start
-    repeats = max(2, min(50, int(seconds / max(once, 1e-6))))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = matmul(a)
-    out.block_until_ready()
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
-
-
-def make_batch(batch_size: int, image_size: int, prefix: int, caption_len: int, vocab_size: int, seed: int = 0):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    length = prefix + caption_len
-    captions = rng.integers(0, vocab_size, (batch_size, caption_len)).astype(np.int32)
-    tokens = np.concatenate([np.zeros((batch_size, prefix), np.int32), captions], axis=1)
-    return dict(tokens=tokens,
-                images=rng.uniform(0, 1, (batch_size, 1, image_size, image_size, 3)).astype(np.float32),
-                image_mask=np.ones((batch_size, 1), bool), image_positions=np.zeros((batch_size, 1), np.int32),
-                loss_mask=np.arange(length)[None].repeat(batch_size, 0) >= prefix)
-
-
-HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z\-]+)\(")
-
-
-def hlo_computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
-    """The computations of an HLO module's text (name -> instruction lines) and the entry computation's name."""
-    bodies: dict[str, list[str]] = {}
-    current = entry = None
-    for line in hlo_text.splitlines():
-        header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
-        if header:
-            current = header.group(2)
-            bodies[current] = []
-            entry = current if header.group(1) else entry
-        elif current is not None:
-            bodies[current].append(line)
-    return bodies, entry
-
-
-def hlo_op_categories(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> "convolution", "matmul", "attention" (cuDNN's) or "other", looking inside fusions'
-    computations."""
-    bodies, _ = hlo_computations(hlo_text)
-
-    def category(opcode: str, line: str, depth: int = 0) -> str:
-        if opcode == "convolution":
-            return "convolution"
-        if opcode == "dot":
-            return "matmul"
-        if opcode == "custom-call":  # GPU libraries: cuBLAS gemms, cuDNN convolutions and fused attention
-            target = (re.findall(r'custom_call_target="([^"]+)"', line) or [""])[0]
-            for word, kind in (("gemm", "matmul"), ("matmul", "matmul"), ("conv", "convolution"),
-                               ("fmha", "attention")):
-                if word in target:
-                    return kind
-        called = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line)
-        found = set()
-        for name in called if depth < 3 else ():
-            for inner in bodies.get(name, ()):
-                match = HLO_INSTRUCTION.match(inner)
-                if match:
-                    found.add(category(match.group(2), inner, depth + 1))
-        return "convolution" if "convolution" in found else "matmul" if "matmul" in found else "other"
-
-    categories = {}
-    for lines in bodies.values():
-        for line in lines:
-            match = HLO_INSTRUCTION.match(line)
-            if match:
-                categories[match.group(1)] = category(match.group(2), line)
-    return categories
-
-
-HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64", "s32": "int32",
-              "s8": "int8"}
-
-
-def hlo_dots(hlo_text: str) -> dict[tuple, int]:
-    """The dots an HLO module runs: (lhs (dtype, shape), rhs (dtype, shape), dimension numbers, result dtype) ->
-    how many times one step runs it (fusions and calls count once, a while body its known trip count)."""
-    bodies, entry = hlo_computations(hlo_text)
-    shape_of = re.compile(r"(\w+)\[([\d,]*)\]")
-
-    def parse_shape(text: str):
-        dtype, dims = shape_of.match(text).groups()
-        return HLO_DTYPES[dtype], tuple(int(d) for d in dims.split(",") if d)
-
-    def dims(line: str, name: str) -> tuple[int, ...]:
-        found = re.search(name + r"=\{([\d,]*)\}", line)
-        return tuple(int(d) for d in found.group(1).split(",") if d) if found else ()
-
-    times: dict[str, int] = {}
-
-    def visit(name: str, count: int):
-        times[name] = times.get(name, 0) + count
-        for line in bodies.get(name, ()):
-            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-            for kind, called in re.findall(r"(calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)",
-                                           line):
-                visit(called, count * (int(trips.group(1)) if trips and kind == "body" else 1))
-
-    visit(entry, 1)
-    dots: dict[tuple, int] = {}
-    for name, count in times.items():
-        lines = bodies[name]
-        defined = {}
-        for line in lines:
-            match = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])", line)
-            if match:
-                defined[match.group(1)] = match.group(2)
-        for line in lines:
-            match = re.match(r"^\s*(?:ROOT )?%?[\w.\-]+ = (\w+\[[\d,]*\])\S* dot\(([^)]*)\)", line)
-            if not match:
-                continue
-            operands = [defined[re.findall(r"%?([\w.\-]+)$", o.strip())[0]] for o in match.group(2).split(",")]
-            numbers = ((dims(line, "lhs_contracting_dims"), dims(line, "rhs_contracting_dims")),
-                       (dims(line, "lhs_batch_dims"), dims(line, "rhs_batch_dims")))
-            key = (parse_shape(operands[0]), parse_shape(operands[1]), numbers, parse_shape(match.group(1))[0])
-            dots[key] = dots.get(key, 0) + count
-    return dots
-
-
-def dot_floor(hlo_text: str, compiler_options: dict, min_seconds: float = 0.3) -> dict:
-    """The seconds a step's dots take when each is timed alone, compiled with `compiler_options`, on warm caches,
-    less the time of an empty call: `seconds` from each one's fastest call, a floor under the step's time that
-    no fusion or layout change can go below, and `median_seconds` from its median call. Convolutions are not
-    included."""
-    import jax
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    rows, total, total_median = [], 0.0, 0.0
-    for (lhs, rhs, numbers, out_dtype), count in hlo_dots(hlo_text).items():
-        a, b = (jax.numpy.asarray(rng.standard_normal(shape), dtype) for dtype, shape in (lhs, rhs))
-        dot = jax.jit(lambda x, y: jax.lax.dot_general(x, y, numbers, preferred_element_type=out_dtype),
-                      compiler_options=compiler_options)
-        empty = jax.jit(lambda x, y: x.reshape(-1)[:1], compiler_options=compiler_options)
-        samples = []
-        for call in (dot, empty):
-            call(a, b).block_until_ready()
-            times, start = [], time.perf_counter()
-            while len(times) < 5 or time.perf_counter() - start < min_seconds:
-                began = time.perf_counter()
-                call(a, b).block_until_ready()
-                times.append(time.perf_counter() - began)
-            samples.append(times)
-        fastest = max(min(samples[0]) - min(samples[1]), 0.0)
-        typical = max(statistics.median(samples[0]) - statistics.median(samples[1]), 0.0)
-        flops = 2 * math.prod(lhs[1]) * math.prod(rhs[1]) // math.prod(
-            lhs[1][d] for d in numbers[0][0]) // math.prod(lhs[1][d] for d in numbers[1][0])
-        total, total_median = total + count * fastest, total_median + count * typical
-        rows.append({"lhs": list(lhs[1]), "rhs": list(rhs[1]), "dtype": lhs[0], "count": count,
-                     "ms": round(count * fastest * 1e3, 1), "median_ms": round(count * typical * 1e3, 1),
-                     "gflops_per_s": round(flops / fastest / 1e9, 1) if fastest else None})
-    rows.sort(key=lambda r: -r["ms"])
-    return {"seconds": round(total, 5), "median_seconds": round(total_median, 5),
-            "dots": sum(r["count"] for r in rows), "by_shape": rows[:8]}
-
-
-def xla_profile(compiled, args, steps: int = 2, top: int = 12) -> dict:
-    """The compiled step's ops ranked by total time over `steps` runs, from a jax.profiler trace."""
-    import jax
-
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            out = None
-            for _ in range(steps):
-                out = compiled(*args)
-                jax.block_until_ready(out)
-                args = (out[0],) + tuple(args[1:])
-        files = list(Path(trace_dir).rglob("*.xplane.pb"))
-        if not files:
-            return {}
-        data = jax.profiler.ProfileData.from_file(str(files[0]))
-    # On CPU, events named after an instruction of the compiled HLO are its ops (XLA:CPU thunks run on several
-    # threads). On a GPU or TPU, the device planes' events are the kernels that ran: named after their fusion for
-    # XLA's own, after the library kernel for cuBLAS/cuDNN (an H200 with jax 0.11 had one line, the stream's);
-    # host planes then hold only launches and are left out.
-    categories = hlo_op_categories(compiled.as_text())
-    device_planes = [p for p in data.planes if p.name.startswith(("/device:GPU", "/device:TPU"))]
-    totals: dict[str, float] = {}
-    for plane in device_planes or data.planes:
-        for line in plane.lines:
-            for event in line.events:
-                name = event.name
-                if device_planes:
-                    categories.setdefault(name, "matmul" if "gemm" in name.lower() else "other")
-                if name in categories:
-                    totals[name] = totals.get(name, 0.0) + event.duration_ns / 1e6
-    by_kind: dict[str, float] = {}
-    by_category: dict[str, float] = {}
-    for name, ms in totals.items():
-        kind = name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1].isdigit() else name
-        by_kind[kind] = by_kind.get(kind, 0.0) + ms
-        by_category[categories[name]] = by_category.get(categories[name], 0.0) + ms
-    total = sum(totals.values()) or 1.0
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
-    return {"op_time_ms_per_step": round(total / steps, 1),
-            "by_category_ms_per_step": {k: round(v / steps, 1) for k, v in sorted(by_category.items())},
-            "by_kind_ms_per_step": {k: round(v / steps, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])
-                                    if v / total > 0.01},
-            "top_ops_ms_per_step": {n[:120]: round(ms / steps, 1) for n, ms in ranked}}
-
 
 def compiler_options(case: dict) -> dict:
     """XLA options of our step: on CPU, the memory-optimised scheduler unless --cpu_scheduler=default."""
@@ -562,115 +186,8 @@ def run_jax(case: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The reference: PyTorch (transformers' LlamaForCausalLM + the NF-ResNet below)
+# The reference: PyTorch (transformers' LlamaForCausalLM + the NF-ResNet of bench.torch_reference)
 # ----------------------------------------------------------------------------------------------------------------
-
-def torch_modules():
-    """The torch NF-ResNet and prefix model classes (defined lazily: the JAX child never imports torch)."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    relu_gamma = math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
-
-    class WSConv2d(nn.Module):
-        """Scaled weight standardisation (zero mean, variance 1/fan_in per filter) x gain, plus bias; TF SAME."""
-
-        def __init__(self, c_in, c_out, kernel, stride=1, eps=1e-4):
-            super().__init__()
-            self.weight = nn.Parameter(torch.empty(c_out, c_in, kernel, kernel))
-            nn.init.kaiming_normal_(self.weight, nonlinearity="linear")
-            self.gain = nn.Parameter(torch.ones(c_out))
-            self.bias = nn.Parameter(torch.zeros(c_out))
-            self.kernel, self.stride, self.eps = kernel, stride, eps
-            self.fan_in = c_in * kernel * kernel
-
-        def forward(self, x):
-            w = self.weight
-            mean = w.mean(dim=(1, 2, 3), keepdim=True)
-            var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
-            w = (w - mean) * torch.rsqrt(var * self.fan_in + self.eps) * self.gain.view(-1, 1, 1, 1)
-            pads = []
-            for size in (x.shape[-1], x.shape[-2]):
-                total = max((-(-size // self.stride) - 1) * self.stride + self.kernel - size, 0)
-                pads += [total // 2, total - total // 2]
-            if pads[0] == pads[1] and pads[2] == pads[3]:
-                return F.conv2d(x, w, self.bias, self.stride, padding=(pads[2], pads[0]))
-            return F.conv2d(F.pad(x, pads), w, self.bias, self.stride)
-
-    class NFBlock(nn.Module):
-        def __init__(self, vision, c_in, features, stride, beta):
-            super().__init__()
-            mid = max(1, int(features * vision["bottleneck_ratio"]))
-            self.shortcut = WSConv2d(c_in, features, 1, stride) if stride != 1 or c_in != features else None
-            self.conv1 = WSConv2d(c_in, mid, 1)
-            self.conv2 = WSConv2d(mid, mid, 3, stride)
-            self.conv3 = WSConv2d(mid, features, 1)
-            self.skip_gain = nn.Parameter(torch.tensor(float(vision["skip_gain_init"])))
-            self.alpha, self.beta = vision["alpha"], beta
-
-        def forward(self, x):
-            out = F.relu(x) * (relu_gamma * self.beta)
-            shortcut = x if self.shortcut is None else self.shortcut(out)
-            out = F.relu(self.conv1(out)) * relu_gamma
-            out = F.relu(self.conv2(out)) * relu_gamma
-            out = self.conv3(out)
-            return out * (self.skip_gain * self.alpha) + shortcut
-
-    class NFResNet(nn.Module):
-        """Images [N, 3, H, W] -> mean-pooled features [N, C]; the shapes of frozenlm_jax.models.vision."""
-
-        def __init__(self, vision):
-            super().__init__()
-            self.stem = WSConv2d(3, vision["stem_width"], vision["stem_kernel"], vision["stem_stride"])
-            self.stem_pool = vision["stem_pool"]
-            blocks, channels, expected_var = [], vision["stem_width"], 1.0
-            for stage, (depth, width) in enumerate(zip(vision["depths"], vision["widths"])):
-                for index in range(depth):
-                    stride = 2 if index == 0 and stage > 0 else 1
-                    blocks.append(NFBlock(vision, channels, width, stride, 1.0 / math.sqrt(expected_var)))
-                    channels = width
-                    alpha2 = vision["alpha"] ** 2
-                    expected_var = 1.0 + alpha2 if index == 0 else expected_var + alpha2
-            self.blocks = nn.Sequential(*blocks)
-
-        def forward(self, images):
-            x = self.stem(images)
-            if self.stem_pool:
-                # TF SAME 3x3/2 max pool: pad the bottom/right only (with -inf), as XLA does on even sizes.
-                total = max((-(-x.shape[-1] // 2) - 1) * 2 + 3 - x.shape[-1], 0)
-                x = F.max_pool2d(F.pad(x, [total // 2, total - total // 2] * 2, value=-math.inf), 3, 2)
-            x = self.blocks(x)
-            return (F.relu(x) * relu_gamma).mean(dim=(2, 3))
-
-    class VisionPrefix(nn.Module):
-        def __init__(self, vision, prefix, embed_dim):
-            super().__init__()
-            self.encoder = NFResNet(vision)
-            self.prefix_proj = nn.Linear(vision["widths"][-1], prefix * embed_dim)
-            self.prefix, self.embed_dim = prefix, embed_dim
-
-        def forward(self, images):
-            return self.prefix_proj(self.encoder(images)).view(images.shape[0], self.prefix, self.embed_dim)
-
-    return WSConv2d, NFResNet, VisionPrefix
-
-
-def load_torch_lm(lm_source: str, lm: dict, dtype):
-    import torch
-    import transformers
-
-    if lm_source.startswith("random:"):
-        config = transformers.LlamaConfig(
-            vocab_size=lm["vocab_size"], hidden_size=lm["hidden_size"], intermediate_size=lm["intermediate_size"],
-            num_hidden_layers=lm["num_layers"], num_attention_heads=lm["num_heads"],
-            num_key_value_heads=lm["num_kv_heads"], head_dim=lm["head_dim"], rope_theta=lm.get("rope_theta", 1e4),
-            tie_word_embeddings=lm.get("tie_word_embeddings", False))
-        torch.manual_seed(0)
-        return transformers.LlamaForCausalLM(config).to(dtype)
-    path = Path(lm["gguf"])
-    return transformers.LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-
 
 def torch_profile(step, steps: int = 2, top: int = 12) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -687,6 +204,8 @@ def run_torch(case: dict, lm: dict, vision: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from bench.torch_reference import VisionPrefix, load_torch_lm
+
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
@@ -697,7 +216,6 @@ def run_torch(case: dict, lm: dict, vision: dict) -> dict:
     for p in model.parameters():
         p.requires_grad_(clipcap)
     prefix, caption_len = case["prefix"], case["caption_len"]
-    _, _, VisionPrefix = torch_modules()
     torch.manual_seed(0)
     vision_model = VisionPrefix(vision, prefix, lm["hidden_size"]).to(device)
     optimizer = torch.optim.Adam(vision_model.parameters(), lr=1e-4)
@@ -764,14 +282,11 @@ def run_torch(case: dict, lm: dict, vision: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 def run_child(impl: str, case: dict, lm: dict, vision: dict) -> dict:
-    cmd = [sys.executable, __file__, f"--child={impl}", "--child_args=" + json.dumps([case, lm, vision])]
     env = dict(os.environ)
     if impl == "jax" and case["xla_flags"]:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + case["xla_flags"]).strip()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode:
-        sys.exit(f"{impl} child failed for case {case}:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json_child("bench.train_step", [f"--child={impl}", "--child_args=" + json.dumps([case, lm, vision])],
+                          f"{impl} child failed for case {case}", env)
 
 
 def summarise(case: dict, runs: dict[str, list[dict]], lm: dict, vision: dict, peak_tflops: float) -> dict:

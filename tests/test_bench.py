@@ -12,14 +12,18 @@ import numpy as np
 import pytest
 from conftest import xla_flags_for_child
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from bench.hlo import dot_floor, hlo_dots, hlo_op_categories
+from bench.workload import LM_PRESETS, analytic_step_flops, make_batch, vision_shapes
+
+REPO = Path(__file__).resolve().parents[1]
 TINY_LM = "--lm=random:llama-tiny"
 
 
 def run_bench(script: str, *args: str, timeout: int = 300) -> str:
+    """`python -m bench.<script> <args>` from the repository root; its stdout."""
     env = dict(os.environ, XLA_FLAGS=xla_flags_for_child(None))  # the children pick their own device count
-    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
-                         timeout=timeout, cwd=BENCH.parent)
+    out = subprocess.run([sys.executable, "-m", f"bench.{script}", *args], capture_output=True, text=True, env=env,
+                         timeout=timeout, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -29,7 +33,7 @@ def json_lines(stdout: str) -> list[dict]:
 
 
 def test_train_step_bench_runs_both_implementations(torch):
-    out = run_bench("train_step.py", TINY_LM, "--vision=nf_resnet_tiny", "--image_size=16", "--batches=2",
+    out = run_bench("train_step", TINY_LM, "--vision=nf_resnet_tiny", "--image_size=16", "--batches=2",
                     "--caption_len=4", "--steps=1", "--warmup=1", "--rounds=1", "--profile")
     [row] = json_lines(out)
     assert row["jax"]["step_s"] > 0 and row["torch"]["step_s"] > 0 and row["speedup"] > 0
@@ -42,13 +46,13 @@ def test_train_step_bench_runs_both_implementations(torch):
 
 
 def test_decode_bench_runs_both_implementations(torch):
-    out = run_bench("decode.py", TINY_LM, "--batches=2", "--max_new_tokens=3", "--rounds=1", "--repeats=1")
+    out = run_bench("decode", TINY_LM, "--batches=2", "--max_new_tokens=3", "--rounds=1", "--repeats=1")
     [row] = json_lines(out)
     assert row["jax"]["tokens_per_s"] > 0 and row["torch"]["tokens_per_s"] > 0 and row["speedup"] > 0
 
 
 def test_compile_time_bench_runs():
-    out = run_bench("compile_time.py", "--depths=1", "--scans=1", "--image_size=16", "--caption_len=4",
+    out = run_bench("compile_time", "--depths=1", "--scans=1", "--image_size=16", "--caption_len=4",
                     "--max_new_tokens=2")
     rows = json_lines(out)
     assert {(r["depth"], r["scan_layers"]) for r in rows} == {(1, True)}  # unrolled: as in the train_step test
@@ -56,16 +60,13 @@ def test_compile_time_bench_runs():
 
 
 def test_scaling_bench_runs_on_a_simulated_mesh():
-    out = run_bench("scaling.py", "--targets=h100x8", "--layers=1,2", "--remats=none", TINY_LM,
+    out = run_bench("scaling", "--targets=h100x8", "--layers=1,2", "--remats=none", TINY_LM,
                     "--vision=nf_resnet_tiny", "--image_size=16", "--batch=16", "--caption_len=4")
     assert "| 8x H100 SXM | data 8 | none |" in out
 
 
 def test_analytic_flops_match_xla_cost_analysis():
     """The benchmark's analytic FLOP count agrees with XLA's count of the compiled step (matmul-dominated config)."""
-    sys.path.insert(0, str(BENCH))
-    from train_step import LM_PRESETS, analytic_step_flops, make_batch, vision_shapes
-
     from frozenlm_jax.models.frozen import Frozen
     from frozenlm_jax.models.lm import LMConfig
     from frozenlm_jax.models.vision import vision_config
@@ -91,9 +92,6 @@ def test_analytic_flops_match_xla_cost_analysis():
 def test_hlo_dots_counts_each_dot_as_often_as_a_step_runs_it():
     """The dot floor's inventory: a loop's dots count their trip count, a batched dot keeps its dimension
     numbers, and timing them gives a positive floor."""
-    sys.path.insert(0, str(BENCH))
-    from train_step import dot_floor, hlo_dots
-
     def f(x, w, q):
         h = jax.lax.fori_loop(0, 5, lambda i, h: jax.numpy.tanh(h @ w), x)
         return h.sum() + jax.numpy.einsum("bij,bkj->bik", q, q).sum()
@@ -110,13 +108,11 @@ def test_hlo_dots_counts_each_dot_as_often_as_a_step_runs_it():
 
 def test_torch_reference_nf_resnet_matches_ours(torch):
     """The benchmark's torch NF-ResNet + prefix projection computes our VisionPrefix (same weights copied)."""
-    sys.path.insert(0, str(BENCH))
-    from train_step import torch_modules, vision_shapes
+    from bench.torch_reference import VisionPrefix as TorchVisionPrefix
 
     from frozenlm_jax.models.frozen import VisionPrefix
     from frozenlm_jax.models.vision import vision_config
 
-    _, _, TorchVisionPrefix = torch_modules()
     for name, overrides, size in [("nf_resnet_tiny", {}, 16),
                                   ("nf_resnet_tiny", dict(stem_pool=True, stem_kernel=7, depths=(2, 1)), 30)]:
         config = vision_config(name, skip_gain_init=0.5, **overrides)
@@ -151,20 +147,20 @@ def test_torch_reference_nf_resnet_matches_ours(torch):
 
 
 def test_bf16_logits_bench_runs():
-    [row] = json_lines(run_bench("bf16_logits.py", TINY_LM, "--prompts=2"))
+    [row] = json_lines(run_bench("bf16_logits", TINY_LM, "--prompts=2"))
     assert row["name"] == "ours bfloat16" and row["positions"] > 0
     # bfloat16 rounding moves the logits, a little
     assert 0 < row["mean_abs"] < 0.1 and row["top1_agree"] > 0.5
 
 
-@pytest.mark.parametrize("script", ["train_step.py", "decode.py", "compile_time.py", "scaling.py", "bf16_logits.py"])
+@pytest.mark.parametrize("script", ["train_step", "decode", "compile_time", "scaling", "bf16_logits"])
 def test_bench_scripts_have_help(script):
     assert "usage" in run_bench(script, "--help")
 
 
 def test_gpu_bench_runs_its_checks_on_the_cpu(torch, tmp_path):
     """bench/gpu.py on a machine without an accelerator: every check runs, the CPU compared to itself."""
-    run_bench("gpu.py", "--quick", "--parts=correctness,main_job", f"--out={tmp_path}")
+    run_bench("gpu", "--quick", "--parts=correctness,main_job", f"--out={tmp_path}")
     results = json.loads((tmp_path / "gpu.json").read_text())
     assert results["correctness"]["pass"] and results["device"] == "cpu"
     assert results["correctness"]["frozen_steps"]["lm_bit_identical"] == {"cpu": True, "accelerator": True}
@@ -176,9 +172,6 @@ def test_gpu_bench_runs_its_checks_on_the_cpu(torch, tmp_path):
 
 
 def test_gpu_library_calls_are_categorised():
-    sys.path.insert(0, str(BENCH))
-    from train_step import hlo_op_categories
-
     hlo = """ENTRY %main (p: bf16[8,8]) -> bf16[8,8] {
   %gemm.1 = (bf16[8,8], s8[0]) custom-call(bf16[8,8] %p, bf16[8,8] %p), custom_call_target="__cublas$gemm"
   %fmha.2 = (bf16[1,8,8]) custom-call(bf16[1,8,8] %q), custom_call_target="__cudnn$fmhaSoftmax"
