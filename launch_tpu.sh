@@ -4,7 +4,7 @@
 #   WORKDIR=gs://my-bucket/frozen/run1 TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets \
 #     ./launch_tpu.sh [--create] [--dry-run] [-- EXTRA TRAINER ARGS]
 #
-# Run ./launch_tpu.sh --help for every variable and flag; README ("Running on a TPU pod") explains them.
+# Run ./launch_tpu.sh --help for every variable and flag; docs/tpu.md explains them.
 set -euo pipefail
 
 PROG=launch_tpu.sh
@@ -31,7 +31,7 @@ Variables (environment), each also settable by the flag beside it:
   PROJECT          --project=ID            default: empty (gcloud's configured project)
   ACCELERATOR_TYPE --accelerator-type=T    default: v3-64 (the paper's TPUv3 4x8)
   RUNTIME_VERSION  --runtime-version=V     default: tpu-ubuntu2204-base
-  CONFIG           --config=PATH[:ARG]     default: configs/cc3m_paper.py
+  CONFIG           --config=NAME[:ARG]     a packaged config (frozenlm_jax/configs/NAME.py) or a file; default: cc3m_paper
   JAX_SPEC         --jax-spec=SPEC         default: jax[tpu] (pip requirement installed with the package)
   WORKER_PYTHON    --worker-python=PY      default: python3.11 (apt-installed on the workers if missing)
   CREATE_FLAGS     --create-flags=FLAGS    extra flags for 'tpu-vm create', e.g. "--spot"; default: empty
@@ -48,7 +48,7 @@ Flags:
 
 Example:
   WORKDIR=gs://my-bucket/frozen/run1 TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets \\
-    ./launch_tpu.sh --create --zone=europe-west4-a --config.num_train_steps=1000
+    ./launch_tpu.sh --create --zone=europe-west4-a --config.train.num_steps=1000
 EOF
 }
 
@@ -128,7 +128,7 @@ TPU_NAME=${TPU_NAME:-frozenlm-$ACCELERATOR_TYPE}
 ZONE=${ZONE:-europe-west4-a}
 PROJECT=${PROJECT:-}
 RUNTIME_VERSION=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
-CONFIG=${CONFIG:-configs/cc3m_paper.py}
+CONFIG=${CONFIG:-cc3m_paper}
 JAX_SPEC=${JAX_SPEC:-jax[tpu]}
 WORKER_PYTHON=${WORKER_PYTHON:-python3.11}
 CREATE_FLAGS=${CREATE_FLAGS:-}
@@ -143,7 +143,8 @@ TFDS_DATA_DIR=${TFDS_DATA_DIR:-}
 
 # Run from the repository root, whatever the caller's directory.
 cd "$(dirname "${BASH_SOURCE[0]}")"
-[[ -f ${CONFIG%%:*} ]] || die "CONFIG=$CONFIG: no file ${CONFIG%%:*} in $(pwd)"
+[[ -f ${CONFIG%%:*} || -f frozenlm_jax/configs/${CONFIG%%:*}.py ]] ||
+  die "CONFIG=$CONFIG: no file ${CONFIG%%:*} in $(pwd) and no packaged config frozenlm_jax/configs/${CONFIG%%:*}.py"
 
 # run ARGS...: print the command; run it unless --dry-run.
 run() {
@@ -199,7 +200,7 @@ if [[ $SKIP_SETUP == 0 ]]; then
   setup+="; if ! $py -m venv $REMOTE_VENV; then $apt update -q && $apt install -y -q $py $(q "$WORKER_PYTHON-venv")"
   setup+=" && rm -rf $REMOTE_VENV && $py -m venv $REMOTE_VENV; fi; fi"
   setup+="; $pip install -q --upgrade pip"
-  setup+="; $pip install -q $(q "$JAX_SPEC") -e ./$REMOTE_DIR"
+  setup+="; $pip install -q $(q "$JAX_SPEC") -e $(q "./${REMOTE_DIR}[train]")"
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GFLAGS[@]}" --worker=all --command="$setup"
 fi
 

@@ -32,18 +32,19 @@ def measure(depth: int, scan: bool, vision: str, image_size: int, batch: int, ca
     from frozenlm_jax.decode import greedy_generate
     from frozenlm_jax.models.frozen import Frozen
     from frozenlm_jax.models.lm import DecoderLM, LMConfig
-    from frozenlm_jax.models.vision import vision_config
+    from frozenlm_jax.models.vision import encoder_config
     from frozenlm_jax.parallel import make_mesh
     from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
-    from frozenlm_jax.train.step import init_params, make_trainer
+    from frozenlm_jax.train.state import init_train_state
+    from frozenlm_jax.train.step import make_trainer
 
     config = LMConfig(**dict(LM_PRESETS["llama-tiny"], num_layers=depth), scan_layers=scan)
-    model = Frozen(config, vision_config(vision), 2)
+    model = Frozen(config, encoder_config(vision), 2)
     image_shape = (image_size, image_size, 3)
     trainer = make_trainer(model, make_mesh({"data": -1}), label_rules=VARIANT_LABEL_RULES["frozen"],
                            image_shape=image_shape, optimizer_kwargs=dict(learning_rate=1e-4),
                            max_targets=caption_len)
-    state, frozen = init_params(trainer, jax.random.key(0), None, image_shape)
+    state, frozen = init_train_state(trainer, jax.random.key(0), None, image_shape)
     sharded = trainer.shard_batch(make_batch(batch, image_size, 2, caption_len, config.vocab_size))
     jax.block_until_ready((state, frozen, sharded))
     start = time.perf_counter()

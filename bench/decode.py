@@ -47,7 +47,7 @@ def prompt_ids(lm: str, lm_config: dict, batch: int) -> list[list[int]]:
 
         rng = np.random.default_rng(0)
         return [rng.integers(0, lm_config["vocab_size"], 3 + i % 5).tolist() for i in range(batch)]
-    from frozenlm_jax.checkpoints import gguf as gguf_files
+    from frozenlm_jax.weights import gguf as gguf_files
 
     path = Path(lm_config["gguf"])
     tokenizer = gguf_files.tokenizer_from_gguf(gguf_files.open_gguf(path), path)

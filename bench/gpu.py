@@ -125,19 +125,20 @@ def check_steps(cpu, accelerator, steps: int = 3) -> dict:
 
     from frozenlm_jax.models.frozen import Frozen
     from frozenlm_jax.models.lm import LMConfig
-    from frozenlm_jax.models.vision import vision_config
+    from frozenlm_jax.models.vision import encoder_config
     from frozenlm_jax.parallel import make_mesh
     from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
-    from frozenlm_jax.train.step import init_params, make_trainer
+    from frozenlm_jax.train.state import init_train_state
+    from frozenlm_jax.train.step import make_trainer
 
     lm = LMConfig(**LM_PRESETS["llama-tiny"], init_std=0.1)
-    model = Frozen(lm, vision_config("convnet_small", pool="max"), 2)
+    model = Frozen(lm, encoder_config("convnet_small", pool="max"), 2)
     image_shape = (32, 32, 3)
     trainers = {name: make_trainer(model, make_mesh({"data": 1}, devices=[d]),
                                    label_rules=VARIANT_LABEL_RULES["frozen"], image_shape=image_shape,
                                    optimizer_kwargs=dict(learning_rate=1e-3))
                 for name, d in (("cpu", cpu), ("accelerator", accelerator))}
-    state, frozen = init_params(trainers["cpu"], jax.random.key(0), image_shape=image_shape)
+    state, frozen = init_train_state(trainers["cpu"], jax.random.key(0), image_shape=image_shape)
     start_vision = jax.tree.map(np.asarray, state.params["vision"])
     start_lm = jax.tree.map(np.asarray, frozen["lm"])
     batches = [make_batch(8, 32, 2, 12, lm.vocab_size, seed=s) for s in range(steps)]

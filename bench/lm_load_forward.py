@@ -53,7 +53,7 @@ def main():
     import transformers
 
     import frozenlm_jax
-    from frozenlm_jax.checkpoints.registry import NAMED_LMS, fetch_named
+    from frozenlm_jax.weights.registry import NAMED_LMS, fetch_named
 
     path = fetch_named(args.lm) if args.lm in NAMED_LMS else None
     load = measure_load(args.lm)

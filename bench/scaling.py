@@ -66,18 +66,21 @@ def build(args, target: dict, layers: int, remat: str):
 
     from frozenlm_jax.models.frozen import Frozen
     from frozenlm_jax.models.lm import LMConfig
-    from frozenlm_jax.models.vision import vision_config
+    from frozenlm_jax.models.vision import encoder_config
     from frozenlm_jax.parallel import make_mesh
     from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
-    from frozenlm_jax.train.step import TrainState, abstract_model_params, make_trainer, split_params
+    from frozenlm_jax.models.frozen import abstract_frozen_params
+    from frozenlm_jax.train.state import TrainState
+    from frozenlm_jax.train.step import make_trainer
+    from frozenlm_jax.trees import split_params
 
     lm_config = LMConfig(**lm_config_dict(args.lm, layers), dtype="bfloat16", param_dtype="bfloat16", remat=remat)
-    model = Frozen(lm_config, vision_config(args.vision), args.prefix)
+    model = Frozen(lm_config, encoder_config(args.vision), args.prefix)
     mesh = make_mesh(target["mesh"])
     image_shape = (args.image_size, args.image_size, 3)
     trainer = make_trainer(model, mesh, label_rules=VARIANT_LABEL_RULES["frozen"], image_shape=image_shape,
                            optimizer_kwargs=dict(learning_rate=3e-4), max_targets=args.caption_len)
-    abstract = nn.unbox(abstract_model_params(model, image_shape))
+    abstract = nn.unbox(abstract_frozen_params(model, image_shape))
     trainable, frozen = split_params(abstract, trainer.labels)
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
                        opt_state=jax.eval_shape(trainer.optimizer.init, abstract))

@@ -65,9 +65,11 @@ def abstract_step_args(trainer, batch_size: int, length: int, image_shape):
     import jax
     import jax.numpy as jnp
 
-    from frozenlm_jax.train.step import TrainState, abstract_model_params, split_params
+    from frozenlm_jax.models.frozen import abstract_frozen_params
+    from frozenlm_jax.train.state import TrainState
+    from frozenlm_jax.trees import split_params
 
-    abstract = nn.unbox(abstract_model_params(trainer.model, image_shape))
+    abstract = nn.unbox(abstract_frozen_params(trainer.model, image_shape))
     trainable, frozen = split_params(abstract, trainer.labels)
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
                        opt_state=jax.eval_shape(trainer.optimizer.init, abstract))
@@ -86,14 +88,15 @@ def run_jax(case: dict) -> dict:
     import jax
 
     from frozenlm_jax import load_lm
-    from frozenlm_jax.checkpoints import gguf as gguf_files
-    from frozenlm_jax.checkpoints.registry import NAMED_LMS, fetch_named
+    from frozenlm_jax.weights import gguf as gguf_files
+    from frozenlm_jax.weights.registry import NAMED_LMS, fetch_named
     from frozenlm_jax.models.frozen import Frozen, vision_prefix
     from frozenlm_jax.models.lm import LMConfig
-    from frozenlm_jax.models.vision import vision_config
+    from frozenlm_jax.models.vision import encoder_config
     from frozenlm_jax.parallel import make_mesh
     from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
-    from frozenlm_jax.train.step import cpu_step_options, init_params, make_trainer
+    from frozenlm_jax.train.state import init_train_state
+    from frozenlm_jax.train.step import cpu_step_options, make_trainer
 
     lm_source, lm_dtype = case["lm"], case["lm_dtype"]
     overrides = dict(dtype=lm_dtype, param_dtype=lm_dtype, remat=case["lm_remat"],
@@ -104,7 +107,7 @@ def run_jax(case: dict) -> dict:
         path = fetch_named(lm_source) if lm_source in NAMED_LMS else Path(lm_source)
         lm_config = gguf_files.config_from_gguf(gguf_files.open_gguf(path), path, **overrides)
     vision_overrides = {"pool": case["vision_pool"]} if case.get("vision_pool") else {}
-    model = Frozen(lm_config, vision_config(case["vision"], **vision_overrides), case["prefix"])
+    model = Frozen(lm_config, encoder_config(case["vision"], **vision_overrides), case["prefix"])
     mesh = make_mesh({"data": -1})
     image_size, prefix, caption_len, batch_size = case["image_size"], case["prefix"], case["caption_len"], case["batch"]
     image_shape = (image_size, image_size, 3)
@@ -136,8 +139,8 @@ def run_jax(case: dict) -> dict:
             raise RuntimeError(f"load_lm's config {lm.config} differs from the GGUF metadata's {lm_config}")
         lm_params = lm.params
         del lm
-    state, frozen = init_params(trainer, jax.random.key(0), lm_params, image_shape)
-    del lm_params  # init_params shares frozen leaves: one copy of the LM, as the reference holds
+    state, frozen = init_train_state(trainer, jax.random.key(0), lm_params, image_shape)
+    del lm_params  # init_train_state shares frozen leaves: one copy of the LM, as the reference holds
     batch = make_batch(batch_size, image_size, prefix, caption_len, lm_config.vocab_size)
     sharded = trainer.shard_batch(batch)
     jax.block_until_ready((state, frozen, sharded))

@@ -30,8 +30,8 @@ def resolve_lm_config(lm: str) -> dict:
         if name not in LM_PRESETS:
             raise SystemExit(f"unknown LM preset {name!r}; available: {', '.join(LM_PRESETS)}")
         return dict(LM_PRESETS[name])
-    from frozenlm_jax.checkpoints import gguf as gguf_files
-    from frozenlm_jax.checkpoints.registry import NAMED_LMS, fetch_named
+    from frozenlm_jax.weights import gguf as gguf_files
+    from frozenlm_jax.weights.registry import NAMED_LMS, fetch_named
 
     path = fetch_named(lm) if lm in NAMED_LMS else Path(lm)
     config = gguf_files.config_from_gguf(gguf_files.open_gguf(path), path)
@@ -41,9 +41,9 @@ def resolve_lm_config(lm: str) -> dict:
 
 
 def vision_shapes(name: str) -> dict:
-    from frozenlm_jax.models.vision import vision_config
+    from frozenlm_jax.models.vision import encoder_config
 
-    return dataclasses.asdict(vision_config(name))
+    return dataclasses.asdict(encoder_config(name))
 
 
 def conv_layers(vision: dict, image_size: int):

@@ -7,7 +7,7 @@ shapes-world scenes, from three representations: the encoder's pooled features i
 checkpoint, the same encoder at a random initialisation, and the run's prefix embeddings (features after
 the prefix projection, both slots concatenated). Prints how often the top-scoring shape (colour) is in the
 image on 512 held-out scenes (chance: shape 0.254, colour 0.236), to compare with the caption accuracy the
-run reached: README, "The default run, measured".
+run reached: docs/training.md, "The default run, measured".
 """
 
 from __future__ import annotations

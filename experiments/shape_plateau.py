@@ -7,7 +7,7 @@ steps unless its convolutions are batch-normalised.
 A VGG-style CNN (three stages of two 3x3 convs + ReLU, 2x2 max-pool; 32/64/128 channels; mean-pooled,
 then a 7-way linear head) trained with softmax cross-entropy on the kind of the single object in fresh
 shapes-world scenes (batch 32, Adam 1e-3); prints five times the accuracy on 512 held-out scenes
-(chance 1/7). README, "The default run, measured", records what it printed.
+(chance 1/7). docs/training.md, "The default run, measured", records what it printed.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Trains `encoder` + a linear head with multi-label cross-entropy on which colours
 shapes-world scene contains (fresh scenes, each seen once), and prints every `steps // 6` steps how often
 the top-scoring shape (colour) is one of the image's, on 512 held-out scenes (chance: shape 0.254, colour
 0.236 for 1-3 objects). This bounds what the caption loss through a frozen LM can teach in a given
-number of examples: README, "The default run, measured".
+number of examples: docs/training.md, "The default run, measured".
 """
 
 from __future__ import annotations

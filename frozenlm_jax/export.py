@@ -1,4 +1,5 @@
-"""`load_frozen(path)`: a `FrozenLM` from an exported model directory or a training workdir.
+"""Trained models as files: `save_exported` writes a self-contained model directory, `load_frozen(path)` opens
+one, or a training workdir, as a `FrozenLM`.
 
 An exported directory is self-contained (for evaluation or another project): `frozen.json` (architecture,
 LM reference and fingerprint, special token ids), `vision.safetensors`, `tokenizer.json`, and
@@ -20,11 +21,17 @@ import tokenizers
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from frozenlm_jax.data.tokenizer import Tokenizer
+from frozenlm_jax.build import build_lm, build_model
+from frozenlm_jax.checkpointing import Checkpointer, fingerprint
+from frozenlm_jax.config import default_config
 from frozenlm_jax.frozen_lm import FrozenLM
 from frozenlm_jax.models.frozen import Frozen
 from frozenlm_jax.models.lm import LMConfig, RopeScaling
-from frozenlm_jax.models.vision import vision_config_from_dict, vision_config_to_dict
+from frozenlm_jax.models.vision import encoder_config_from_dict, encoder_config_to_dict
+from frozenlm_jax.tokenizer import Tokenizer
+from frozenlm_jax.trees import flatten, merge_params
+from frozenlm_jax.weights import load_lm
+from frozenlm_jax.weights.init import init_model_params
 
 FORMAT_VERSION = 1
 
@@ -46,7 +53,7 @@ def save_exported(path, model: Frozen, params, tokenizer: Tokenizer, lm_source: 
         "format_version": FORMAT_VERSION,
         "lm": {"source": lm_source, "fingerprint": lm_fingerprint, "config": dataclasses.asdict(model.lm_config),
                "weights": "lm.safetensors" if include_lm_weights else None},
-        "vision": vision_config_to_dict(model.vision_config),
+        "vision": encoder_config_to_dict(model.vision_config),
         "num_prefix_tokens": model.num_prefix_tokens, "variant": model.variant,
         "prefix_init_std": model.prefix_init_std, "image_size": image_size,
         "tokenizer": {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
@@ -77,7 +84,7 @@ def _load_exported(path: Path) -> FrozenLM:
     if lm_fields.get("rope_scaling"):
         lm_fields["rope_scaling"] = RopeScaling(**lm_fields["rope_scaling"])
     lm_config = LMConfig(**lm_fields)
-    model = Frozen(lm_config, vision_config_from_dict(meta["vision"]), meta["num_prefix_tokens"], meta["variant"],
+    model = Frozen(lm_config, encoder_config_from_dict(meta["vision"]), meta["num_prefix_tokens"], meta["variant"],
                    meta["prefix_init_std"])
     vision = traverse_util.unflatten_dict(load_file(str(path / "vision.safetensors")), sep="/")
     if meta["lm"]["weights"]:
@@ -91,17 +98,11 @@ def _load_exported(path: Path) -> FrozenLM:
 
 
 def _load_workdir(path: Path, step: int | str) -> FrozenLM:
-    from frozenlm_jax.train.config import default_config
-    from frozenlm_jax.train.step import merge_params
-    from frozenlm_jax.train.trainer import restore_run
-
+    """The model of a training workdir: built from its saved config, the trained params restored from its
+    checkpoint, the frozen ones loaded (or initialised, as training did) and checked against the checkpoint's
+    fingerprint. No optimizer, no compiled step, nothing written."""
     if not (step in ("best", "latest") or isinstance(step, int)):
         raise ValueError(f"step={step!r}; use 'best', 'latest' or a step number")
-    kept = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
-    if not kept:
-        raise FileNotFoundError(f"{path} has no checkpoint yet; train first")
-    if isinstance(step, int) and step not in kept:
-        raise FileNotFoundError(f"{path} has no checkpoint of step {step}; it keeps steps {kept}")
     config = default_config()
     saved = json.loads((path / "config.json").read_text())
     try:
@@ -109,9 +110,33 @@ def _load_workdir(path: Path, step: int | str) -> FrozenLM:
     except (AttributeError, KeyError) as e:
         raise ValueError(f"{path / 'config.json'} has keys this version does not know ({e}); load it with the "
                          "version of frozenlm_jax that trained it") from None
-    run = restore_run(config, path, None if step == "latest" else step)
-    run.checkpointer.close()
-    return FrozenLM(run.model, merge_params(run.state.params, run.frozen), run.tokenizer, config.vision.image_size)
+    checkpointer = Checkpointer(path / "checkpoints", config.train.keep_checkpoints, "", None, create=False)
+    try:
+        kept = checkpointer.all_steps()
+        if not kept:
+            raise FileNotFoundError(f"{path} has no checkpoint yet; train first")
+        if isinstance(step, int) and step not in kept:
+            raise FileNotFoundError(f"{path} has no checkpoint of step {step}; it keeps steps {kept}")
+        chosen = step if isinstance(step, int) else checkpointer.latest_step()
+        if step == "best":
+            chosen = checkpointer.best_step() or chosen
+        trained, frozen_meta = checkpointer.restore_params(chosen)
+    finally:
+        checkpointer.close()
+    lm_config, lm_params, tokenizer, lm_source = build_lm(config)
+    model = build_model(config, lm_config)
+    image_shape = (config.vision.image_size,) * 2 + (3,)
+    # The initialisation key of training (`restore_run`): it made the frozen leaves that are not loaded.
+    init_rng, _ = jax.random.split(jax.random.key(config.seed))
+    initial = init_model_params(model, init_rng, None, image_shape, lm_params, config.vision.init or None)
+    trained_paths = set(flatten(trained))
+    frozen = {p: v for p, v in flatten(initial).items() if p not in trained_paths}
+    found = fingerprint(traverse_util.unflatten_dict(frozen, sep="/"), lm_source)
+    if {"source": lm_source, "fingerprint": found} != frozen_meta:
+        raise ValueError(f"the frozen parameters of {path} (LM {frozen_meta['source']!r}, fingerprint "
+                         f"{frozen_meta['fingerprint']}) differ from those its config gives now ({lm_source!r}, "
+                         f"{found}): the LM's files changed; load it with the LM it was trained with")
+    return FrozenLM(model, merge_params(initial, trained), tokenizer, config.vision.image_size)
 
 
 def _lists_to_tuples(value):
@@ -125,9 +150,6 @@ def _lists_to_tuples(value):
 
 def _reload_lm(reference: dict, lm_config: LMConfig):
     """The frozen LM from its recorded source, checked against the recorded fingerprint."""
-    from frozenlm_jax.checkpoints import load_lm
-    from frozenlm_jax.train.checkpointing import fingerprint
-
     overrides = {k: getattr(lm_config, k) for k in ("scan_layers", "remat")}
     lm = load_lm(reference["source"], dtype=lm_config.param_dtype, **overrides)
     found = fingerprint({"lm": lm.params}, reference["source"])

@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frozenlm_jax.data.tokenizer import Tokenizer
+from frozenlm_jax.data.batch import TextLayout, stack
+from frozenlm_jax.data.images import IMAGE_MEAN, IMAGE_STD, decode_image, preprocess_image
 from frozenlm_jax.decode import bucket_length, generate_from_embeddings
 from frozenlm_jax.models.frozen import Frozen
+from frozenlm_jax.tokenizer import Tokenizer
 
 ANSWER_BUCKET = 8
 
@@ -63,8 +65,8 @@ class FrozenLM:
     tokenizer: Tokenizer
     image_size: int
     blank_images: bool = False
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # on [0, 1] pixels, as in PipelineConfig
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_mean: tuple[float, float, float] = IMAGE_MEAN  # on [0, 1] pixels, as in PipelineConfig
+    image_std: tuple[float, float, float] = IMAGE_STD
 
     def __post_init__(self):
         # Host arrays (as loaded from safetensors) go to the device once, not at every call.
@@ -77,13 +79,9 @@ class FrozenLM:
 
     def preprocess(self, image) -> np.ndarray:
         """One prompt image as the model takes it: float32 [image_size, image_size, 3]."""
-        from frozenlm_jax.data.pipeline import decode_image, preprocess_image
-
         size = (self.image_size, self.image_size, 3)
         if isinstance(image, os.PathLike):
-            import tensorflow as tf
-
-            image = decode_image(tf.io.read_file(os.fspath(image))).numpy()
+            image = decode_image(image)
         array = np.asarray(image)
         if np.issubdtype(array.dtype, np.floating):
             if array.shape != size:
@@ -97,12 +95,10 @@ class FrozenLM:
             raise ValueError(f"integer pixels must lie in [0, 255]; got {array.min()}..{array.max()}")
         if self.blank_images:
             return np.zeros(size, np.float32)
-        return preprocess_image(array.astype(np.uint8), self.image_size, self.image_mean, self.image_std).numpy()
+        return preprocess_image(array.astype(np.uint8), self.image_size, self.image_mean, self.image_std)
 
     def _batch(self, prompts: list, answers: list[str] | None = None):
         """The batch contract, left-padded to a length bucket, and the real-token mask [B, T]."""
-        from frozenlm_jax.data.pipeline import TextLayout, stack
-
         n = self.model.num_prefix_tokens
         items = [[p if isinstance(p, str) else self.preprocess(p) for p in prompt] for prompt in prompts]
         answers = [None] * len(items) if answers is None else answers

@@ -10,7 +10,7 @@ import time
 import jax
 from absl import app, flags
 
-from frozenlm_jax.checkpoints import load_lm
+from frozenlm_jax.weights import load_lm
 from frozenlm_jax.decode import METHODS, generate
 
 _LM = flags.DEFINE_string("lm", "smollm2-135m", "Named LM, .gguf path, HF directory or HF Hub id.")

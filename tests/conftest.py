@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+CONFIGS = Path(__file__).resolve().parents[1] / "frozenlm_jax" / "configs"
 
 
 def xla_flags_for_child(device_count: int | None) -> str:
@@ -65,8 +66,8 @@ def torch():
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """The path of SmolLM2-135M-Instruct's GGUF, fetched into the cache on first use."""
-    from frozenlm_jax.checkpoints import CheckpointError
-    from frozenlm_jax.checkpoints.registry import fetch_named
+    from frozenlm_jax.weights import CheckpointError
+    from frozenlm_jax.weights.registry import fetch_named
 
     try:
         return fetch_named("smollm2-135m")
@@ -112,10 +113,10 @@ def write_random_hf_llama(directory, seed=0, **config_overrides):
 
 
 def tiny_config(data_dir, **train):
-    """configs/tiny.py reading its data from `data_dir`, with `train` overrides."""
+    """frozenlm_jax/configs/tiny.py reading its data from `data_dir`, with `train` overrides."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("tiny", Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+    spec = importlib.util.spec_from_file_location("tiny", CONFIGS / "tiny.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
@@ -127,13 +128,13 @@ def tiny_config(data_dir, **train):
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
-    """The tfds folder of configs/tiny.py's data, shared by the tests that train it."""
+    """The tfds folder of the tiny config's data, shared by the tests that train it."""
     return str(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data_dir, tmp_path_factory):
-    """(workdir, final metrics) of configs/tiny.py's 12 steps on the 8-device mesh, trained once per session;
+    """(workdir, final metrics) of the tiny config's 12 steps on the 8-device mesh, trained once per session;
     a test that writes into a run copies it first."""
     from frozenlm_jax.train.trainer import train_and_evaluate
 

@@ -69,18 +69,19 @@ def test_analytic_flops_match_xla_cost_analysis():
     """The benchmark's analytic FLOP count agrees with XLA's count of the compiled step (matmul-dominated config)."""
     from frozenlm_jax.models.frozen import Frozen
     from frozenlm_jax.models.lm import LMConfig
-    from frozenlm_jax.models.vision import vision_config
+    from frozenlm_jax.models.vision import encoder_config
     from frozenlm_jax.parallel import make_mesh
     from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
-    from frozenlm_jax.train.step import init_params, make_trainer
+    from frozenlm_jax.train.state import init_train_state
+    from frozenlm_jax.train.step import make_trainer
 
     lm = dict(LM_PRESETS["llama-tiny"], hidden_size=256, intermediate_size=1024, head_dim=64, vocab_size=4096)
     batch, image, prefix, caption = 8, 16, 2, 14
-    model = Frozen(LMConfig(**lm), vision_config("nf_resnet_tiny"), prefix)
+    model = Frozen(LMConfig(**lm), encoder_config("nf_resnet_tiny"), prefix)
     trainer = make_trainer(model, make_mesh({"data": -1}), label_rules=VARIANT_LABEL_RULES["frozen"],
                            image_shape=(image, image, 3), optimizer_kwargs=dict(learning_rate=1e-3),
                            max_targets=caption)
-    state, frozen = init_params(trainer, jax.random.key(0), None, (image, image, 3))
+    state, frozen = init_train_state(trainer, jax.random.key(0), None, (image, image, 3))
     sharded = trainer.shard_batch(make_batch(batch, image, prefix, caption, lm["vocab_size"]))
     cost = trainer.step.lower(state, frozen, sharded).compile().cost_analysis()
     xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"] * jax.device_count()  # per device x devices
@@ -111,11 +112,11 @@ def test_torch_reference_nf_resnet_matches_ours(torch):
     from bench.torch_reference import VisionPrefix as TorchVisionPrefix
 
     from frozenlm_jax.models.frozen import VisionPrefix
-    from frozenlm_jax.models.vision import vision_config
+    from frozenlm_jax.models.vision import encoder_config
 
     for name, overrides, size in [("nf_resnet_tiny", {}, 16),
                                   ("nf_resnet_tiny", dict(stem_pool=True, stem_kernel=7, depths=(2, 1)), 30)]:
-        config = vision_config(name, skip_gain_init=0.5, **overrides)
+        config = encoder_config(name, skip_gain_init=0.5, **overrides)
         ours = VisionPrefix(config, 2, 12)
         images = np.random.default_rng(0).uniform(0, 1, (2, size, size, 3)).astype(np.float32)
         params = jax.tree.map(np.asarray, ours.init(jax.random.key(0), images)["params"])

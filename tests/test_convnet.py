@@ -12,14 +12,15 @@ from flax import traverse_util
 from frozenlm_jax.models.convnet import ConvNet
 from frozenlm_jax.models.frozen import Frozen
 from frozenlm_jax.models.lm import DecoderLM, LMConfig
-from frozenlm_jax.models.vision import build_encoder, vision_config
+from frozenlm_jax.models.vision import build_encoder, encoder_config
 from frozenlm_jax.parallel import make_mesh
-from frozenlm_jax.train.config import default_config
+from frozenlm_jax.config import default_config
 from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
-from frozenlm_jax.train.step import init_params, make_trainer
-from frozenlm_jax.train.trainer import encoder_config
+from frozenlm_jax.train.state import init_train_state
+from frozenlm_jax.train.step import make_trainer
+from frozenlm_jax.build import encoder_config_for
 
-CONFIG = vision_config("convnet_tiny")
+CONFIG = encoder_config("convnet_tiny")
 LM = LMConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
               head_dim=8, intermediate_size=64)
 IMAGE = (16, 16, 3)
@@ -72,7 +73,7 @@ def test_step_writes_the_running_statistics_of_its_training_pass():
                            label_rules=VARIANT_LABEL_RULES["frozen"], image_shape=IMAGE,
                            optimizer_kwargs=dict(learning_rate=1e-2, total_steps=10),
                            grad_accum_steps=grad_accum_steps)
-    state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+    state, frozen = init_train_state(trainer, jax.random.key(0), lm_params, IMAGE)
     before = jax.tree.map(np.asarray, state.params)
     batch = make_batch(3)
     # The running statistics a training pass over each microbatch computes, from the params before the step.
@@ -95,7 +96,7 @@ def test_step_writes_the_running_statistics_of_its_training_pass():
 
 @pytest.mark.parametrize("name", ["convnet_tiny", "nf_resnet_tiny"])
 def test_max_pool_takes_the_largest_activation_of_the_same_feature_map(name):
-    mean_model, max_model = build_encoder(vision_config(name)), build_encoder(vision_config(name, pool="max"))
+    mean_model, max_model = build_encoder(encoder_config(name)), build_encoder(encoder_config(name, pool="max"))
     params = {"params": nn.unbox(jax.jit(mean_model.init)(jax.random.key(0), images(0, 1))["params"])}
     x = images(2)
     mean, top = jit_apply(mean_model, params, x), jit_apply(max_model, params, x)
@@ -110,12 +111,12 @@ def test_max_pool_takes_the_largest_activation_of_the_same_feature_map(name):
 
 def test_pool_choice_is_checked():
     with pytest.raises(ValueError, match="unknown pool 'min'; supported: mean, max"):
-        vision_config("convnet_tiny", pool="min")
+        encoder_config("convnet_tiny", pool="min")
     with pytest.raises(ValueError, match="unknown pool 'avg'; supported: mean, max"):
-        vision_config("nf_resnet_tiny", pool="avg")
+        encoder_config("nf_resnet_tiny", pool="avg")
     config = default_config()
     config.vision.encoder, config.vision.pool = "convnet_tiny", "max"
-    assert encoder_config(config).pool == "max"
+    assert encoder_config_for(config).pool == "max"
     config.vision.encoder = "vit_tiny"
     with pytest.raises(ValueError, match="vit config 'vit_tiny': unknown pool 'max'; supported: cls, mean, tokens"):
-        encoder_config(config)
+        encoder_config_for(config)

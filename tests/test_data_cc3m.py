@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 from frozenlm_jax.data import cc3m
 from frozenlm_jax.data.pipeline import CaptionPipeline, CaptionSource, PipelineConfig
-from frozenlm_jax.data.testing import byte_tokenizer
+from frozenlm_jax.tokenizer import byte_tokenizer
 
 tf.config.set_visible_devices([], "GPU")
 

@@ -13,9 +13,10 @@ import tokenizers
 from etils import epath
 
 from frozenlm_jax.data import random_access, shapes
-from frozenlm_jax.data.pipeline import CaptionPipeline, CaptionSource, PipelineConfig, TextLayout, make_global_batch, stack
-from frozenlm_jax.data.testing import byte_tokenizer
-from frozenlm_jax.data.tokenizer import Tokenizer
+from frozenlm_jax.data.batch import TextLayout, make_global_batch, stack
+from frozenlm_jax.data.pipeline import CaptionPipeline, CaptionSource, PipelineConfig
+from frozenlm_jax.tokenizer import byte_tokenizer
+from frozenlm_jax.tokenizer import Tokenizer
 
 tf.config.set_visible_devices([], "GPU")
 

@@ -10,8 +10,8 @@ import tensorflow_datasets as tfds
 
 from frozenlm_jax.data import eval_files, shapes
 from frozenlm_jax.data import shapes_world as world
-from frozenlm_jax.data.pipeline import TextLayout
-from frozenlm_jax.data.testing import byte_tokenizer
+from frozenlm_jax.data.batch import TextLayout
+from frozenlm_jax.tokenizer import byte_tokenizer
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -132,7 +132,7 @@ def test_load_and_data_source_read_the_same_records(tiny_builder):
 
 def test_builder_is_deterministic_and_splits_differ(tiny_builder):
     for ex in _examples(tiny_builder, "validation")[:5]:
-        index = int(ex["image_id"]) - shapes.SPLIT_IDS["validation"] * shapes.IMAGE_ID_STRIDE
+        index = int(ex["image_id"]) - shapes.world.SPLIT_IDS["validation"] * shapes.IMAGE_ID_STRIDE
         scene, captions = shapes.scene_for(TINY, "validation", index)
         np.testing.assert_array_equal(world.render(scene, TINY.image_size), ex["image"])
         assert [c.decode() for c in ex["captions"]] == captions

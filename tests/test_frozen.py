@@ -10,14 +10,16 @@ from flax import traverse_util
 
 from frozenlm_jax.models.frozen import Frozen, check_batch
 from frozenlm_jax.models.lm import DecoderLM, LMConfig
-from frozenlm_jax.models.vision import NFResNet, vision_config
+from frozenlm_jax.models.vision import NFResNet, encoder_config
 from frozenlm_jax.parallel import make_mesh
 from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES, param_labels, with_prefix_rule
-from frozenlm_jax.train.step import init_params, make_trainer, merge_params
+from frozenlm_jax.train.state import init_train_state
+from frozenlm_jax.train.step import make_trainer
+from frozenlm_jax.trees import merge_params
 
 LM = LMConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
               head_dim=8, intermediate_size=64)
-VISION = vision_config("nf_resnet_tiny")
+VISION = encoder_config("nf_resnet_tiny")
 IMAGE = (16, 16, 3)
 B, T, N = 8, 10, 2
 
@@ -59,7 +61,7 @@ def lm_params():
 
 def test_freezing_keeps_lm_bit_identical_and_trains_only_vision(lm_params):
     trainer = trainer_for(make_mesh({"data": 2, "fsdp": 4}))
-    state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+    state, frozen = init_train_state(trainer, jax.random.key(0), lm_params, IMAGE)
     before = jax.tree.map(np.array, frozen)
     stem_before = np.array(state.params["vision"]["encoder"]["stem"]["kernel"])
     assert set(state.params) == {"vision"} and set(frozen) == {"lm"}
@@ -83,7 +85,7 @@ def test_freezing_keeps_lm_bit_identical_and_trains_only_vision(lm_params):
 
 def test_finetuned_variant_trains_the_lm(lm_params):
     trainer = trainer_for(single_device_mesh(), variant="finetuned")
-    state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+    state, frozen = init_train_state(trainer, jax.random.key(0), lm_params, IMAGE)
     assert frozen == {} and set(state.params) == {"vision", "lm"}
     before = np.array(state.params["lm"]["layers_0"]["mlp"]["up_proj"]["kernel"])
     state, _ = trainer.step(state, frozen, trainer.shard_batch(make_batch()))
@@ -98,7 +100,7 @@ def test_prefix_projection_learns_at_its_own_rate(lm_params):
     trainer = make_trainer(model, single_device_mesh(), label_rules=rules, image_shape=IMAGE,
                            optimizer_kwargs=dict(learning_rate=1e-4, prefix_learning_rate=3e-2, warmup_steps=0,
                                                  grad_clip_norm=None, total_steps=100))
-    state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+    state, frozen = init_train_state(trainer, jax.random.key(0), lm_params, IMAGE)
     assert set(flat(param_labels(merge_params(state.params, frozen), rules)).values()) == {"vision", "prefix", "frozen"}
     before = {path: np.array(value) for path, value in flat(state.params).items()}  # the step donates state
     new, _ = trainer.step(state, frozen, trainer.shard_batch(make_batch()))
@@ -112,7 +114,7 @@ def test_prefix_projection_learns_at_its_own_rate(lm_params):
 
 def test_overfits_a_small_batch(lm_params):
     trainer = trainer_for(single_device_mesh(), lr=1e-2)
-    state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+    state, frozen = init_train_state(trainer, jax.random.key(0), lm_params, IMAGE)
     batch = trainer.shard_batch(make_batch())
     losses = []
     for _ in range(60):
@@ -123,7 +125,7 @@ def test_overfits_a_small_batch(lm_params):
 
 def two_steps(mesh, lm_params):
     trainer = trainer_for(mesh)
-    state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+    state, frozen = init_train_state(trainer, jax.random.key(0), lm_params, IMAGE)
     batch = trainer.shard_batch(make_batch())
     for _ in range(2):
         state, metrics = trainer.step(state, frozen, batch)
@@ -152,7 +154,7 @@ def test_freezing_by_argument_saves_flops(lm_params):
     flops = []
     for return_frozen_grads in (False, True):
         trainer = trainer_for(mesh, return_frozen_grads=return_frozen_grads)
-        state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+        state, frozen = init_train_state(trainer, jax.random.key(0), lm_params, IMAGE)
         compiled = trainer.step.lower(state, frozen, trainer.shard_batch(make_batch())).compile()
         analysis = compiled.cost_analysis()
         flops.append((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
@@ -162,7 +164,7 @@ def test_freezing_by_argument_saves_flops(lm_params):
 def test_cpu_step_runs_convolutions_outside_ynnpack(lm_params):
     """On CPU the step's convolutions leave YNNPACK (slower than Eigen's for NF-ResNet-50) and its dots stay."""
     trainer = trainer_for(single_device_mesh())
-    state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+    state, frozen = init_train_state(trainer, jax.random.key(0), lm_params, IMAGE)
     hlo = trainer.step.lower(state, frozen, trainer.shard_batch(make_batch())).compile().as_text()
     ynn = [line for line in hlo.splitlines() if '"__ynn_fusion"' in line and " fusion(" in line]
     assert any("dot_general" in line for line in ynn)
@@ -250,7 +252,7 @@ def test_max_targets_gathers_the_same_loss(lm_params):
 
 
 def test_nf_resnet_keeps_signal_variance_across_depth():
-    cfg = vision_config("nf_resnet50", skip_gain_init=1.0, widths=(64, 128, 256, 512), stem_width=16)
+    cfg = encoder_config("nf_resnet50", skip_gain_init=1.0, widths=(64, 128, 256, 512), stem_width=16)
     images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
     variables = jax.jit(NFResNet(cfg).init)(jax.random.key(1), images)
     _, inter = jax.jit(lambda v, x: NFResNet(cfg).apply(v, x, capture_intermediates=True))(variables, images)
@@ -268,7 +270,7 @@ def test_grad_accumulation_equals_the_whole_batch(lm_params):
     results = []
     for steps in (1, 4):
         trainer = trainer_for(make_mesh({"data": 2}, devices=jax.devices()[:2]), grad_accum_steps=steps)
-        state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+        state, frozen = init_train_state(trainer, jax.random.key(0), lm_params, IMAGE)
         state, metrics = trainer.step(state, frozen, trainer.shard_batch(batch))
         results.append((float(metrics["loss"]), float(metrics["num_targets"]), jax.tree.map(np.asarray, state.params)))
     (loss_1, count_1, params_1), (loss_4, count_4, params_4) = results

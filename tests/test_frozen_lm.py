@@ -11,12 +11,13 @@ import pytest
 from conftest import jit_apply
 
 from frozenlm_jax import FrozenLM, load_frozen
-from frozenlm_jax.data.pipeline import TextLayout, preprocess_image, stack
-from frozenlm_jax.data.testing import byte_tokenizer
+from frozenlm_jax.data.batch import TextLayout, stack
+from frozenlm_jax.data.images import preprocess_image
+from frozenlm_jax.tokenizer import byte_tokenizer
 from frozenlm_jax.export import save_exported
 from frozenlm_jax.models.frozen import Frozen
 from frozenlm_jax.models.lm import LMConfig
-from frozenlm_jax.models.vision import vision_config
+from frozenlm_jax.models.vision import encoder_config
 
 LM = LMConfig(family="llama", vocab_size=257, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
               intermediate_size=64, init_std=0.5)
@@ -27,7 +28,7 @@ SIZE, N = 16, 2
 def fm():
     """A random Frozen model whose LM never prefers a non-ASCII byte or EOS (their head columns are zero, the
     others' logits spread around zero), so every greedy token is one character of text."""
-    model = Frozen(LM, vision_config("nf_resnet_tiny"), N)
+    model = Frozen(LM, encoder_config("nf_resnet_tiny"), N)
     batch = {"tokens": np.zeros((1, 4), np.int32), "images": np.zeros((1, 1, SIZE, SIZE, 3), np.float32),
              "image_mask": np.ones((1, 1), bool), "image_positions": np.zeros((1, 1), np.int32)}
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"])
@@ -89,7 +90,7 @@ def test_images_are_preprocessed_like_the_training_pipeline(fm, tmp_path):
     from frozenlm_jax.data.eval_files import load_image
 
     [image] = images(1, 1)
-    np.testing.assert_allclose(fm.preprocess(image), preprocess_image(image, SIZE).numpy())
+    np.testing.assert_allclose(fm.preprocess(image), preprocess_image(image, SIZE))
     (tmp_path / "image.png").write_bytes(tf.io.encode_png(image).numpy())
     np.testing.assert_allclose(fm.preprocess(tmp_path / "image.png"), load_image(tmp_path / "image.png", SIZE))
     np.testing.assert_allclose(fm.preprocess(tmp_path / "image.png"), fm.preprocess(image))
@@ -162,7 +163,7 @@ def test_load_frozen_opens_an_exported_directory(fm, tmp_path):
 
 
 def test_checkpointer_best_step_is_the_lowest_validation_loss_and_survives_a_resume(tmp_path):
-    from frozenlm_jax.train.checkpointing import Checkpointer
+    from frozenlm_jax.checkpointing import Checkpointer
 
     def save(checkpointer, step, loss):
         checkpointer.save(step, {"x": jnp.zeros(2)}, jax.random.key(0), [{}], loss)

@@ -1,7 +1,7 @@
 """launch_tpu.sh: syntax, --dry-run output, errors, and that the dry run prints what a real run runs.
 
 Offline and fast: gcloud, sudo and the workers' python are fakes on PATH; the script is copied
-into a temporary directory holding a stub config, so the tests do not depend on configs/.
+into a temporary directory holding stub configs, so the tests do not depend on the packaged configs.
 """
 
 import json
@@ -36,11 +36,13 @@ def _exe(path: Path, text: str) -> Path:
 
 @pytest.fixture
 def sandbox(tmp_path):
-    """A copy of the script beside configs/cc3m_paper.py, and a bin/ with a gcloud that must not run."""
+    """A copy of the script beside a packaged cc3m_paper config and a configs/tiny.py file, and a bin/ with a
+    gcloud that must not run."""
     repo = tmp_path / "repo"
     (repo / "configs").mkdir(parents=True)
+    (repo / "frozenlm_jax" / "configs").mkdir(parents=True)
     shutil.copy(SCRIPT, repo / "launch_tpu.sh")
-    (repo / "configs" / "cc3m_paper.py").write_text("def get_config():\n  return None\n")
+    (repo / "frozenlm_jax" / "configs" / "cc3m_paper.py").write_text("def get_config():\n  return None\n")
     (repo / "configs" / "tiny.py").write_text("def get_config():\n  return None\n")
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -113,13 +115,13 @@ def test_dry_run_with_create(sandbox):
     assert setup[4:6] == ["ssh", "frozenlm-v3-64"] and "--worker=all" in setup
     s = _ssh_command(setup)
     assert "-m venv frozenlm_jax_venv" in s and "[ ! -x frozenlm_jax_venv/bin/pip ]" in s
-    assert 'pip install -q "jax[tpu]" -e ./frozenlm_jax' in s
+    assert 'pip install -q "jax[tpu]" -e "./frozenlm_jax[train]"' in s
     assert train[4:6] == ["ssh", "frozenlm-v3-64"] and "--worker=all" in train
     t = _ssh_command(train)
     assert "sudo lsof -t -w /dev/accel* /dev/vfio/*" in t and "sudo kill -9" in t
     assert "sudo rm -f /tmp/libtpu_lockfile" in t
     assert "export FROZENLM_DISTRIBUTED=1 TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets" in t
-    assert ("-m frozenlm_jax.train --config=configs/cc3m_paper.py --workdir=gs://my-bucket/frozen/run1"
+    assert ("-m frozenlm_jax.train --config=cc3m_paper --workdir=gs://my-bucket/frozen/run1"
             " --config.num_train_steps=1000 --config.seed=3") in t
     for c in (s, t):  # both remote commands are valid shell
         subprocess.run([BASH, "-n", "-c", c], check=True)
@@ -155,6 +157,8 @@ def test_bad_arguments(sandbox):
     assert r.returncode != 0 and "unknown argument '--bogus'" in r.stderr
     r = _launch(repo, bindir, "--dry-run", "--config=configs/nope.py")
     assert r.returncode != 0 and "configs/nope.py" in r.stderr
+    r = _launch(repo, bindir, "--dry-run", "--config=nope")
+    assert r.returncode != 0 and "no packaged config frozenlm_jax/configs/nope.py" in r.stderr
     r = _launch(repo, bindir, "--dry-run", "--zone")
     assert r.returncode != 0 and "--zone needs a value" in r.stderr
     assert not marker.exists()
@@ -187,7 +191,7 @@ if sys.argv[4] == "scp":
     assert ran == dry
     with tarfile.open(shipped) as tf:
         names = set(tf.getnames())
-    assert {"launch_tpu.sh", "configs/cc3m_paper.py", ".gitignore"} <= names
+    assert {"launch_tpu.sh", "frozenlm_jax/configs/cc3m_paper.py", ".gitignore"} <= names
     assert "ignored.txt" not in names
 
 
@@ -221,21 +225,21 @@ chmod +x "$3/bin/python" "$3/bin/pip"
     assert r.returncode == 0, r.stderr
     _, setup, train = _commands(r.stdout)
     with tarfile.open(home / "frozenlm_jax_src.tar.gz", "w:gz") as tf:
-        tf.add(repo / "configs", arcname="configs")
+        tf.add(repo / "frozenlm_jax", arcname="frozenlm_jax")
     env = {"HOME": str(home), "PATH": f"{wbin}{os.pathsep}{os.environ['PATH']}"}
     for _ in range(2):
         subprocess.run([BASH, "-c", _ssh_command(setup)], env=env, check=True, timeout=30)
-    assert (home / "frozenlm_jax" / "configs" / "cc3m_paper.py").exists()
+    assert (home / "frozenlm_jax" / "frozenlm_jax" / "configs" / "cc3m_paper.py").exists()
     log = calls.read_text().splitlines()
     assert sum(l.startswith("python3.11 -m venv") for l in log) == 1  # the venv is made once
-    assert log.count("pip install -q jax[tpu] -e ./frozenlm_jax") == 2
+    assert log.count("pip install -q jax[tpu] -e ./frozenlm_jax[train]") == 2
     calls.write_text("")
     subprocess.run([BASH, "-c", _ssh_command(train)], env=env, check=True, timeout=30)
     log = calls.read_text().splitlines()
     assert "sudo rm -f /tmp/libtpu_lockfile" in log
     assert any(l.startswith("sudo lsof -t -w") for l in log)
     run = json.loads(log[-1])
-    assert run["argv"] == ["-m", "frozenlm_jax.train", "--config=configs/cc3m_paper.py",
+    assert run["argv"] == ["-m", "frozenlm_jax.train", "--config=cc3m_paper",
                            "--workdir=gs://my-bucket/frozen/run1", "--note=it's $HOME"]
     assert run["cwd"] == str(home / "frozenlm_jax")
     assert run["FROZENLM_DISTRIBUTED"] == "1"

@@ -6,8 +6,8 @@ from safetensors.numpy import save_file
 
 from conftest import write_random_hf_llama
 from frozenlm_jax import CheckpointError, load_lm
-from frozenlm_jax.checkpoints import is_hub_id
-from frozenlm_jax.checkpoints.registry import NAMED_LMS
+from frozenlm_jax.weights import is_hub_id
+from frozenlm_jax.weights.registry import NAMED_LMS
 
 
 def rewrite_tensors(directory, change):

@@ -89,7 +89,7 @@ def test_every_code_cell_runs_with_the_tiny_config(tmp_path, monkeypatch):
     monkeypatch.setenv("FROZENLM_CACHE", str(tmp_path / "cache"))  # generated evaluation files
     monkeypatch.chdir(ROOT)
     workdir = tmp_path / "run"
-    parameters = dict(CONFIG=str(ROOT / "configs" / "tiny.py"), NUM_STEPS=4, WORKDIR=str(workdir),
+    parameters = dict(CONFIG=str(ROOT / "frozenlm_jax" / "configs" / "tiny.py"), NUM_STEPS=4, WORKDIR=str(workdir),
                       DATA_DIR=str(tmp_path / "tfds"), EVAL_EXAMPLES=4, USE_SMOLLM2=False)
 
     cells = code_cells(json.loads(NOTEBOOK.read_text()))

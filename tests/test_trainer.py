@@ -1,4 +1,4 @@
-"""The training loop on configs/tiny.py: end to end on the 8-device mesh, exact resume after SIGTERM in a
+"""The training loop on the tiny config: end to end on the 8-device mesh, exact resume after SIGTERM in a
 subprocess, and the clear errors of mismatched checkpoints and configs."""
 
 import json
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from conftest import tiny_config, xla_flags_for_child
 
-from frozenlm_jax.train.checkpointing import CheckpointMismatch
-from frozenlm_jax.train.config import validate_config
+from frozenlm_jax.checkpointing import CheckpointMismatch
+from frozenlm_jax.config import validate_config
 from frozenlm_jax.train.trainer import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
+CONFIGS = ROOT / "frozenlm_jax" / "configs"
 
 
 def read_metrics(workdir):
@@ -41,7 +41,7 @@ def test_end_to_end_writes_metrics_and_checkpoints_and_learns(tiny_run):
 
 def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tiny_run, tiny_data_dir, tmp_path):
     expected, _ = read_metrics(tiny_run[0])
-    command = [sys.executable, "-m", "frozenlm_jax.train", f"--config={ROOT / 'configs' / 'tiny.py'}",
+    command = [sys.executable, "-m", "frozenlm_jax.train", f"--config={CONFIGS / 'tiny.py'}",
                f"--workdir={tmp_path}", f"--config.data.data_dir={tiny_data_dir}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -91,7 +91,7 @@ def test_unknown_config_keys_fail_fast(tiny_data_dir):
 
 
 def test_default_config_takes_the_variant_as_its_argument():
-    import shapes_smollm2
+    from frozenlm_jax.configs import shapes_smollm2
 
     assert shapes_smollm2.get_config().model.variant == "frozen"
     blind = shapes_smollm2.get_config("train_blind")
@@ -160,7 +160,7 @@ def test_load_frozen_opens_the_best_checkpoint_of_a_workdir(tiny_run):
 def test_every_config_file_builds_with_known_keys():
     import importlib.util
 
-    for path in sorted((ROOT / "configs").glob("*.py")):
+    for path in sorted(CONFIGS.glob("[!_]*.py")):
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -171,14 +171,14 @@ def test_every_config_file_builds_with_known_keys():
 
 def test_two_processes_reach_the_losses_of_one(tiny_run, tiny_data_dir, tmp_path):
     """jax.distributed on localhost, 4 CPU devices per process, the same global batch: the same losses as
-    one process with 8 devices (configs/tiny.py orders data globally, host_order="interleave")."""
+    one process with 8 devices (the tiny config orders data globally, host_order="interleave")."""
     import socket
 
     expected, _ = read_metrics(tiny_run[0])
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "frozenlm_jax.train", f"--config={ROOT / 'configs' / 'tiny.py'}",
+    command = [sys.executable, "-m", "frozenlm_jax.train", f"--config={CONFIGS / 'tiny.py'}",
                f"--workdir={tmp_path}", f"--config.data.data_dir={tiny_data_dir}"]
     processes = []
     for process_id in range(2):
@@ -202,7 +202,7 @@ def test_profile_trace_and_export_by_lm_reference(tiny_data_dir, tmp_path):
     from safetensors.numpy import load_file, save_file
 
     from frozenlm_jax import load_frozen
-    from frozenlm_jax.data.testing import byte_tokenizer
+    from frozenlm_jax.tokenizer import byte_tokenizer
     from frozenlm_jax.train.trainer import export, restore_run
 
     tokenizer = byte_tokenizer()
@@ -232,3 +232,15 @@ def test_profile_trace_and_export_by_lm_reference(tiny_data_dir, tmp_path):
     save_file(tensors, str(lm_dir / "model.safetensors"))
     with pytest.raises(ValueError, match="is not the one this model was trained with"):
         load_frozen(out)
+
+
+def test_configs_are_found_by_name_or_path():
+    from frozenlm_jax.config import config_file
+
+    assert config_file("tiny") == f"{CONFIGS / 'tiny.py'}"
+    assert config_file("cc3m_paper:/lm") == f"{CONFIGS / 'cc3m_paper.py'}:/lm"
+    path = str(CONFIGS / "tiny.py")
+    assert config_file(path + ":x") == path + ":x"
+    with pytest.raises(ValueError, match="no packaged config of that name; packaged: cc3m_paper, coco_gpt2, "
+                                         "shapes_smollm2, tiny"):
+        config_file("shapes")

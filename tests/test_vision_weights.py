@@ -9,14 +9,15 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from frozenlm_jax.checkpoints.params import CheckpointError
-from frozenlm_jax.checkpoints.vision_weights import load_encoder_weights
+from frozenlm_jax.weights.params import CheckpointError
+from frozenlm_jax.weights.vision import load_encoder_weights
 from frozenlm_jax.models.frozen import Frozen
 from frozenlm_jax.models.lm import LMConfig
-from frozenlm_jax.models.vision import NFResNet, build_encoder, vision_config
+from frozenlm_jax.models.vision import NFResNet, build_encoder, encoder_config
 from frozenlm_jax.parallel import make_mesh
 from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES
-from frozenlm_jax.train.step import init_params, make_trainer
+from frozenlm_jax.train.state import init_train_state
+from frozenlm_jax.train.step import make_trainer
 
 # A timm-style NF-ResNet small enough for tests: 7x7 stem + max-pool, a stride-1 then a stride-2 stage.
 TINY_TIMM = dict(depths=(1, 2), widths=(32, 64), stem_width=16)
@@ -86,7 +87,7 @@ def random_tensors(shapes, seed=0):
 
 
 def test_timm_nf_resnet_fills_every_param_and_matches_timms_forward(torch, tmp_path):
-    config = vision_config("nf_resnet50_timm", **TINY_TIMM)
+    config = encoder_config("nf_resnet50_timm", **TINY_TIMM)
     images = np.random.default_rng(1).standard_normal((2, 36, 36, 3)).astype(np.float32)  # odd sizes: ceil pools
     init = jax.tree.map(np.asarray, nn.unbox(jax.jit(NFResNet(config).init)(jax.random.key(0), images)["params"]))
     tensors = random_tensors(timm_nf_resnet_shapes(TINY_TIMM["depths"], TINY_TIMM["widths"], TINY_TIMM["stem_width"]))
@@ -105,7 +106,7 @@ def test_timm_nf_resnet_fills_every_param_and_matches_timms_forward(torch, tmp_p
 
 
 def test_timm_nf_resnet50_names_and_shapes_map_one_to_one(tmp_path):
-    config = vision_config("nf_resnet50_timm")
+    config = encoder_config("nf_resnet50_timm")
     target = jax.eval_shape(NFResNet(config).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
     shapes = timm_nf_resnet_shapes((3, 4, 6, 3), (256, 512, 1024, 2048), 64, num_classes=1000)
     # Each tensor filled with its own index: every parameter must come from its own tensor.
@@ -167,7 +168,7 @@ def vit_target(config, image=16):
 
 
 def test_timm_and_hf_vit_layouts_give_the_same_params(tmp_path):
-    config = vision_config("vit_tiny")
+    config = encoder_config("vit_tiny")
     hf = hf_vit_tensors()
     save_file(hf, str(tmp_path / "hf.safetensors"))
     save_file(timm_from_hf(hf), str(tmp_path / "timm.safetensors"))
@@ -186,7 +187,7 @@ def test_timm_and_hf_vit_layouts_give_the_same_params(tmp_path):
 
 
 def test_bad_files_name_the_tensor(tmp_path):
-    config = vision_config("vit_tiny")
+    config = encoder_config("vit_tiny")
     target = vit_target(config)
     hf = hf_vit_tensors()
 
@@ -209,7 +210,7 @@ def test_bad_files_name_the_tensor(tmp_path):
         load(hf, tgt=vit_target(config, image=24))
     with pytest.raises(CheckpointError, match="cannot tell the layout"):
         load({"weights": np.zeros(3, np.float32)})
-    nf = vision_config("nf_resnet_tiny")
+    nf = encoder_config("nf_resnet_tiny")
     nf_target = jax.eval_shape(NFResNet(nf).init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
     timm_nf = random_tensors(timm_nf_resnet_shapes((1,), (32,), 16))
     with pytest.raises(CheckpointError, match="with style='timm'.*'nf_resnet_tiny' has style 'deepmind'"):
@@ -225,10 +226,10 @@ def test_trainer_initialises_the_encoder_from_vision_init(tmp_path):
                   head_dim=8, intermediate_size=64)
     hf = hf_vit_tensors()
     save_file(hf, str(tmp_path / "vit.safetensors"))
-    model = Frozen(lm, vision_config("vit_tiny"), 2)
+    model = Frozen(lm, encoder_config("vit_tiny"), 2)
     trainer = make_trainer(model, make_mesh({"data": 2, "fsdp": 4}), label_rules=VARIANT_LABEL_RULES["frozen"],
                            image_shape=(16, 16, 3), optimizer_kwargs=dict(learning_rate=1e-3, total_steps=10))
-    state, _ = init_params(trainer, jax.random.key(0), None, (16, 16, 3), vision_init=str(tmp_path / "vit.safetensors"))
+    state, _ = init_train_state(trainer, jax.random.key(0), None, (16, 16, 3), vision_init=str(tmp_path / "vit.safetensors"))
     encoder = state.params["vision"]["encoder"]
     np.testing.assert_array_equal(np.asarray(encoder["pos_embed"]), hf["embeddings.position_embeddings"][0])
     np.testing.assert_array_equal(np.asarray(encoder["block0"]["mlp_fc2"]["kernel"]),

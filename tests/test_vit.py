@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from frozenlm_jax.checkpoints.vision_weights import load_encoder_weights
+from frozenlm_jax.weights.vision import load_encoder_weights
 from frozenlm_jax.models.frozen import Frozen, VisionPrefix
 from frozenlm_jax.models.lm import DecoderLM, LMConfig
 from frozenlm_jax.models.vision import (
-    VISION_CONFIGS, VisionConfig, build_encoder, vision_config, vision_config_from_dict, vision_config_to_dict)
+    ENCODER_CONFIGS, NFResNetConfig, build_encoder, encoder_config, encoder_config_from_dict, encoder_config_to_dict)
 from frozenlm_jax.models.vit import ViT, ViTConfig
 from frozenlm_jax.parallel import make_mesh
 from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES, param_labels
-from frozenlm_jax.train.step import init_params, make_trainer, merge_params
+from frozenlm_jax.train.state import init_train_state
+from frozenlm_jax.train.step import make_trainer
+from frozenlm_jax.trees import merge_params
 
 IMAGE = (16, 16, 3)
 
@@ -45,7 +47,7 @@ def hf_vit(torch, tmp_path_factory):
 @pytest.mark.parametrize("pool", ["cls", "mean", "tokens"])
 def test_parity_with_transformers_vit(torch, hf_vit, pool):
     model, path, hf_config = hf_vit
-    config = vision_config("vit_tiny", layer_norm_eps=hf_config.layer_norm_eps, pool=pool)
+    config = encoder_config("vit_tiny", layer_norm_eps=hf_config.layer_norm_eps, pool=pool)
     images = np.random.default_rng(1).standard_normal((3,) + IMAGE).astype(np.float32)
     target = jax.eval_shape(ViT(config).init, jax.random.key(0), images)["params"]
     params = load_encoder_weights(path, config, target)
@@ -58,29 +60,29 @@ def test_parity_with_transformers_vit(torch, hf_vit, pool):
 
 def test_registry_selects_either_family_and_round_trips():
     assert {"nf_resnet50", "nf_resnet_small", "nf_resnet_tiny", "nf_resnet50_timm", "vit_tiny", "vit_small_64",
-            "vit_b16"} <= set(VISION_CONFIGS)
-    assert isinstance(build_encoder(vision_config("vit_tiny")), ViT)
+            "vit_b16"} <= set(ENCODER_CONFIGS)
+    assert isinstance(build_encoder(encoder_config("vit_tiny")), ViT)
     for name in ("vit_tiny", "nf_resnet50_timm", "nf_resnet_small"):
-        config = vision_config(name)
-        assert vision_config_from_dict(vision_config_to_dict(config)) == config
+        config = encoder_config(name)
+        assert encoder_config_from_dict(encoder_config_to_dict(config)) == config
     # Exports written before the registry have no family: NF-ResNet fields.
-    saved = vision_config_to_dict(vision_config("nf_resnet_tiny"))
+    saved = encoder_config_to_dict(encoder_config("nf_resnet_tiny"))
     old = {k: list(v) if isinstance(v, tuple) else v for k, v in saved.items() if k not in ("family", "style")}
-    assert vision_config_from_dict(old) == vision_config("nf_resnet_tiny")
+    assert encoder_config_from_dict(old) == encoder_config("nf_resnet_tiny")
     with pytest.raises(ValueError, match="unknown vision encoder 'vit_huge'; available: .*vit_tiny"):
-        vision_config("vit_huge")
+        encoder_config("vit_huge")
     with pytest.raises(ValueError, match="'vit_tiny' \\(vit\\) has no field\\(s\\) skip_gain_init"):
-        vision_config("vit_tiny", skip_gain_init=1.0)
+        encoder_config("vit_tiny", skip_gain_init=1.0)
     with pytest.raises(ValueError, match="pool='cls' needs class_token=True"):
-        vision_config("vit_tiny", class_token=False)
+        encoder_config("vit_tiny", class_token=False)
     with pytest.raises(ValueError, match="image size 18x18 is not a multiple of the patch size 4"):
-        ViT(vision_config("vit_tiny")).init(jax.random.key(0), jnp.zeros((1, 18, 18, 3)))
-    assert isinstance(vision_config("nf_resnet_tiny"), VisionConfig)
-    assert isinstance(vision_config("vit_small_64"), ViTConfig) and vision_config("vit_small_64").head_dim == 64
+        ViT(encoder_config("vit_tiny")).init(jax.random.key(0), jnp.zeros((1, 18, 18, 3)))
+    assert isinstance(encoder_config("nf_resnet_tiny"), NFResNetConfig)
+    assert isinstance(encoder_config("vit_small_64"), ViTConfig) and encoder_config("vit_small_64").head_dim == 64
 
 
 def test_every_vit_param_has_logical_axis_names():
-    boxed = jax.eval_shape(ViT(vision_config("vit_tiny")).init, jax.random.key(0), jnp.zeros((1,) + IMAGE))["params"]
+    boxed = jax.eval_shape(ViT(encoder_config("vit_tiny")).init, jax.random.key(0), jnp.zeros((1,) + IMAGE))["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(leaf, nn.Partitioned) and len(leaf.names) == len(leaf.value.shape)
                           for leaf in leaves)
@@ -109,11 +111,11 @@ def lm_params():
 
 
 def test_frozen_with_a_vit_trains_only_vision(lm_params):
-    model = Frozen(LM, vision_config("vit_tiny"), N)
+    model = Frozen(LM, encoder_config("vit_tiny"), N)
     trainer = make_trainer(model, make_mesh({"data": 2, "fsdp": 4}), label_rules=VARIANT_LABEL_RULES["frozen"],
                            image_shape=IMAGE, optimizer_kwargs=dict(learning_rate=1e-3, lm_learning_rate=1e-3,
                                                                     weight_decay=0.0, total_steps=100))
-    state, frozen = init_params(trainer, jax.random.key(0), lm_params, IMAGE)
+    state, frozen = init_train_state(trainer, jax.random.key(0), lm_params, IMAGE)
     assert set(state.params) == {"vision"} and set(frozen) == {"lm"}
     assert set(flat(param_labels(merge_params(state.params, frozen), VARIANT_LABEL_RULES["frozen"])).values()) \
         == {"vision", "frozen"}
@@ -137,7 +139,7 @@ def test_frozen_with_a_vit_trains_only_vision(lm_params):
 
 
 def test_a_token_sequence_is_pooled_into_the_prefix_tokens():
-    model = VisionPrefix(vision_config("vit_tiny", pool="tokens"), num_prefix_tokens=3, embed_dim=LM.hidden_size)
+    model = VisionPrefix(encoder_config("vit_tiny", pool="tokens"), num_prefix_tokens=3, embed_dim=LM.hidden_size)
     images = np.random.default_rng(0).uniform(0, 1, (2,) + IMAGE).astype(np.float32)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images)["params"])
     assert params["prefix_proj"]["kernel"].shape == (32, LM.hidden_size)

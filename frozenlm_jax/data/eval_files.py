@@ -10,18 +10,20 @@ describes both formats.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import pathlib
 from typing import Sequence
 
 import numpy as np
-import tensorflow as tf
+from PIL import Image
 
 from frozenlm_jax.data import shapes_world as world
-from frozenlm_jax.data.pipeline import TextLayout, decode_image, preprocess_image
+from frozenlm_jax.data.batch import TextLayout
+from frozenlm_jax.data.images import IMAGE_MEAN, IMAGE_STD, decode_image, preprocess_image
 
-# Seed streams beyond the tfds splits (0, 1, 2 in shapes.SPLIT_IDS), so no evaluation image repeats one
+# Seed streams beyond the tfds splits (0, 1, 2 in shapes_world.SPLIT_IDS), so no evaluation image repeats one
 # seen in training.
 VQA_STREAM = 3
 EPISODE_STREAMS = {"real_name": 4, "open_ended": 5}
@@ -38,8 +40,9 @@ def _write_atomically(path: pathlib.Path, data: bytes | str) -> None:
 
 
 def _write_image(path: pathlib.Path, image: np.ndarray) -> None:
-    encode = tf.io.encode_png if path.suffix == ".png" else lambda x: tf.io.encode_jpeg(x, quality=95)
-    _write_atomically(path, encode(image).numpy())
+    encoded = io.BytesIO()
+    Image.fromarray(image).save(encoded, format="PNG" if path.suffix == ".png" else "JPEG", quality=95)
+    _write_atomically(path, encoded.getvalue())
 
 
 def vqa_scene(seed: int, index: int):
@@ -153,10 +156,9 @@ def read_episodes(path) -> list[dict]:
     return episodes
 
 
-def load_image(path, image_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> np.ndarray:
+def load_image(path, image_size: int, mean=IMAGE_MEAN, std=IMAGE_STD) -> np.ndarray:
     """An image file, preprocessed like the training pipeline: float32[image_size, image_size, 3]."""
-    image = decode_image(tf.io.read_file(str(path)))
-    return preprocess_image(image, image_size, mean, std).numpy()
+    return preprocess_image(decode_image(path), image_size, mean, std)
 
 
 def episode_prompt(

@@ -17,7 +17,6 @@ from frozenlm_jax.data import shapes_world as world
 from frozenlm_jax.data.random_access import write_array_record_copy
 
 # Each split draws its scenes from its own seed stream: np.random.default_rng([seed, split_id, index]).
-SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 # image_id = split_id * IMAGE_ID_STRIDE + index, so ids are unique across splits.
 IMAGE_ID_STRIDE = 10_000_000
 # The default train split: ~24k examples cover a 15-minute CPU run (about 27 examples/s of training)
@@ -41,7 +40,7 @@ class FrozenShapesConfig(tfds.core.BuilderConfig):
 
 def scene_for(config: FrozenShapesConfig, split: str, index: int):
     """The scene, captions and rng state for example `index` of `split`: the single source of truth."""
-    rng = np.random.default_rng([config.seed, SPLIT_IDS[split], index])
+    rng = np.random.default_rng([config.seed, world.SPLIT_IDS[split], index])
     scene = world.sample_scene(rng, config.num_objects)
     return scene, world.captions(scene, rng)
 
@@ -107,7 +106,7 @@ class FrozenShapes(tfds.core.GeneratorBasedBuilder):
             scene, captions = scene_for(config, split, index)
             yield index, {
                 "image": world.render(scene, config.image_size),
-                "image_id": SPLIT_IDS[split] * IMAGE_ID_STRIDE + index,
+                "image_id": world.SPLIT_IDS[split] * IMAGE_ID_STRIDE + index,
                 "captions": captions,
                 "background": scene.background,
                 "objects": {

@@ -35,6 +35,9 @@ NUMBER_WORDS = ("zero", "one", "two", "three")
 NONSENSE_WORDS = ("dax", "blicket", "slation", "perpo", "shously", "wug", "zorp", "toma", "fep", "kiki")
 GRADIENT_LEVELS = 12  # background brightness varies by up to this many levels across the image
 
+# The seed stream of each tfds split of the world (frozenlm_jax.data.shapes); evaluation files use later ones.
+SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
+
 
 @dataclasses.dataclass(frozen=True)
 class Shape:

@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 
 from frozenlm_jax.data import shapes
 from frozenlm_jax.data.pipeline import CaptionPipeline, CaptionSource, PipelineConfig
-from frozenlm_jax.data.testing import byte_tokenizer
+from frozenlm_jax.tokenizer import byte_tokenizer
 
 
 def measure(image_size: int, batch_size: int, batches: int, data_dir: str, augment: bool = False, warmup: int = 5) -> float:

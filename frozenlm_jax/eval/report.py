@@ -10,7 +10,9 @@ from pathlib import Path
 
 import ml_collections
 
+from frozenlm_jax.config import default_config
 from frozenlm_jax.eval.suite import Suite, TextOnly, check_settings
+from frozenlm_jax.export import load_frozen
 
 RESULTS_JSON, RESULTS_MD, PLOT_PNG = "results.json", "results.md", "accuracy_vs_shots.png"
 LM_ONLY = "LM only (no images)"
@@ -20,8 +22,6 @@ TRAINED_LM_VARIANTS = ("finetuned", "scratch")
 def run_settings(path) -> ml_collections.ConfigDict:
     """The `eval` section of a run's saved `config.json`, defaults filling what it lacks (all of it for an
     exported model, which keeps no config)."""
-    from frozenlm_jax.train.config import default_config
-
     settings = default_config().eval
     saved = Path(path) / "config.json"
     if saved.exists():
@@ -47,8 +47,6 @@ def evaluate_runs(workdirs: Sequence = (), tasks: str | Sequence[str] | None = N
     names a run whose frozen LM then answers the same prompts from their text alone. Writes the report to
     `out` (default: the workdir's eval/ when there is one workdir) and returns it.
     """
-    from frozenlm_jax.export import load_frozen
-
     workdirs = list(workdirs)
     sources = [(name, w, "run") for name, w in zip(row_names(workdirs), workdirs)]
     sources += [(LM_ONLY, lm_only, "lm_only")] if lm_only else []

@@ -34,9 +34,7 @@ def generate_captions(model: Frozen, params, images: np.ndarray, tokenizer, max_
 
 def heldout_scenes(count: int, image_size: int, split: str = "validation", seed: int = 0):
     """(scenes, images float32 [N, S, S, 3] normalised to [-1, 1]) of the first `count` examples of `split`."""
-    from frozenlm_jax.data.shapes import SPLIT_IDS
-
-    scenes = [world.sample_scene(np.random.default_rng([seed, SPLIT_IDS[split], i])) for i in range(count)]
+    scenes = [world.sample_scene(np.random.default_rng([seed, world.SPLIT_IDS[split], i])) for i in range(count)]
     images = np.stack([world.render(s, image_size) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     return scenes, images
 

@@ -17,8 +17,12 @@ import ml_collections
 import numpy as np
 
 from frozenlm_jax.data import eval_files
+from frozenlm_jax.data.batch import TextLayout
+from frozenlm_jax.decode import generate
 from frozenlm_jax.eval import episodes, shapes_captions, vqa
 from frozenlm_jax.frozen_lm import FrozenLM
+from frozenlm_jax.models.lm import DecoderLM
+from frozenlm_jax.weights.registry import cache_dir
 
 TASKS = ("shapes_captions", "shapes_vqa", "fast_binding", "real_name", "vqav2", "okvqa")
 EPISODE_FLAVOURS = {"fast_binding": "open_ended", "real_name": "real_name"}
@@ -35,8 +39,6 @@ CAPTION_TOKENS = 16
 def data_cache() -> pathlib.Path:
     """Where generated shapes-world evaluation files go: `$FROZENLM_CACHE/eval_data`, else
     `~/.cache/frozenlm_jax/eval_data`."""
-    from frozenlm_jax.checkpoints.registry import cache_dir
-
     return cache_dir() / "eval_data"
 
 
@@ -88,10 +90,6 @@ class TextOnly:
         return self.model.image_size
 
     def generate(self, prompts, max_new_tokens: int = 32, stop: Sequence[str] = ()) -> list[str]:
-        from frozenlm_jax.data.pipeline import TextLayout
-        from frozenlm_jax.decode import generate
-        from frozenlm_jax.models.lm import DecoderLM
-
         tokenizer = self.model.tokenizer
         layout = TextLayout(tokenizer, 0, 0)
         ids = [layout.bos + tokenizer.encode(" ".join(p for p in prompt if isinstance(p, str)),
@@ -103,7 +101,7 @@ class TextOnly:
 
 
 class Suite:
-    """The tasks of one `eval` config (see `frozenlm_jax.train.config`), with their data prepared once and
+    """The tasks of one `eval` config (see `frozenlm_jax.config`), with their data prepared once and
     reused for every model evaluated at `image_size`."""
 
     def __init__(self, tasks: Sequence[str], settings: ml_collections.ConfigDict, image_size: int):

@@ -3,7 +3,7 @@
 `ConvNet(config)(images)` maps float images [N, H, W, 3] to pooled features [N, widths[-1]]: stages of
 `convs_per_stage` 3x3 convs, each followed by batch norm and ReLU, with a 2x2 max-pool after every stage,
 then the mean (`pool="mean"`) or the max (`pool="max"`) over the last map's positions. Batch norm and the
-max together are what let the default run name shapes through the frozen LM (README, "The default run,
+max together are what let the default run name shapes through the frozen LM (docs/training.md, "The default run,
 measured"); mean-pooled, the same CNN did not.
 
 Its running statistics are parameters (`running_mean`, `running_var`), so they are checkpointed, exported

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frozenlm_jax.models.lm import HIDDEN_AXES, DecoderLM, LMConfig
+from frozenlm_jax.models.lm import HIDDEN_AXES, DecoderLM, LMConfig, abstract_lm_params
 from frozenlm_jax.models.vision import EncoderConfig, build_encoder
 
 VARIANTS = ("frozen", "finetuned", "scratch", "train_blind")
@@ -162,3 +162,11 @@ class Frozen(nn.Module):
         loss = nll_sum / jnp.maximum(count, 1.0)
         return loss, {"loss": loss, "nll_sum": nll_sum, "num_targets": count,
                       "targets_dropped": predict.sum().astype(jnp.float32) - count}
+
+
+def abstract_frozen_params(model: Frozen, image_shape: tuple[int, int, int]):
+    """Boxed ShapeDtypeStructs of the full `{vision, lm}` tree, carrying logical axis names."""
+    vision = vision_prefix(model)
+    images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    return {"vision": jax.eval_shape(vision.init, jax.random.key(0), images)["params"],
+            "lm": abstract_lm_params(model.lm_config)}

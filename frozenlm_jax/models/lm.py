@@ -606,3 +606,9 @@ class DecoderLM(nn.Module):
         new_cache = dict(new_kv, mask=key_valid, index=write_index + t,
                          next_position=start + attention_mask.sum(axis=1, dtype=jnp.int32))
         return out, new_cache
+
+
+def abstract_lm_params(config: LMConfig):
+    """The boxed (logically partitioned) ShapeDtypeStruct tree of a DecoderLM's params."""
+    model = DecoderLM(config)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]

@@ -2,9 +2,9 @@
 batch-normalised VGG-style CNN (`models/convnet.py`).
 
 `NFResNet(config)(images)` maps float images [N, H, W, 3] to pooled features [N, C]: scaled weight
-standardisation, scalar skip gains, no BatchNorm. `VISION_CONFIGS` is the registry of every encoder
+standardisation, scalar skip gains, no BatchNorm. `ENCODER_CONFIGS` is the registry of every encoder
 (the paper's NF-ResNet-50, a timm-compatible one, ViTs and smaller configs for CPU work);
-`vision_config(name)` picks one and `build_encoder(config)` makes its module.
+`encoder_config(name)` picks one and `build_encoder(config)` makes its module.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ STYLES = ("deepmind", "timm")
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class NFResNetConfig:
     """An NF-ResNet: bottleneck stages of `depths` blocks with `widths` output channels.
 
     style "deepmind" follows DeepMind's nfnets code: SAME padding, the ReLU gain in the activations, strided
@@ -71,33 +71,33 @@ class VisionConfig:
     def num_features(self) -> int:
         return self.widths[-1]
 
-    def replace(self, **changes) -> "VisionConfig":
+    def replace(self, **changes) -> "NFResNetConfig":
         return dataclasses.replace(self, **changes)
 
 
 NF_RESNET_CONFIGS = {
     # The paper's encoder (He et al. depths, Brock et al. normalizer-free blocks), 2048 pooled features.
-    "nf_resnet50": VisionConfig("nf_resnet50", depths=(3, 4, 6, 3), widths=(256, 512, 1024, 2048)),
+    "nf_resnet50": NFResNetConfig("nf_resnet50", depths=(3, 4, 6, 3), widths=(256, 512, 1024, 2048)),
     # The same network as timm's nf_resnet50, whose weights `vision.init` imports.
-    "nf_resnet50_timm": VisionConfig("nf_resnet50_timm", depths=(3, 4, 6, 3), widths=(256, 512, 1024, 2048),
+    "nf_resnet50_timm": NFResNetConfig("nf_resnet50_timm", depths=(3, 4, 6, 3), widths=(256, 512, 1024, 2048),
                                      style="timm"),
     # CPU-sized: 64 px images, four stages down to 4x4.
-    "nf_resnet_small": VisionConfig("nf_resnet_small", depths=(1, 1, 1, 1), widths=(64, 128, 256, 512),
+    "nf_resnet_small": NFResNetConfig("nf_resnet_small", depths=(1, 1, 1, 1), widths=(64, 128, 256, 512),
                                     stem_width=32, stem_kernel=3, stem_stride=2, stem_pool=False),
     # Test-sized.
-    "nf_resnet_tiny": VisionConfig("nf_resnet_tiny", depths=(1, 1), widths=(16, 32), stem_width=8,
+    "nf_resnet_tiny": NFResNetConfig("nf_resnet_tiny", depths=(1, 1), widths=(16, 32), stem_width=8,
                                    stem_kernel=3, stem_stride=2, stem_pool=False),
 }
 
-EncoderConfig = VisionConfig | ViTConfig | ConvNetConfig
-VISION_CONFIGS: dict[str, EncoderConfig] = {**NF_RESNET_CONFIGS, **VIT_CONFIGS, **CONVNET_CONFIGS}
+EncoderConfig = NFResNetConfig | ViTConfig | ConvNetConfig
+ENCODER_CONFIGS: dict[str, EncoderConfig] = {**NF_RESNET_CONFIGS, **VIT_CONFIGS, **CONVNET_CONFIGS}
 
 
-def vision_config(name: str, **overrides) -> EncoderConfig:
+def encoder_config(name: str, **overrides) -> EncoderConfig:
     """The registered encoder config `name`, with `overrides` of its fields."""
-    if name not in VISION_CONFIGS:
-        raise ValueError(f"unknown vision encoder {name!r}; available: {', '.join(VISION_CONFIGS)}")
-    config = VISION_CONFIGS[name]
+    if name not in ENCODER_CONFIGS:
+        raise ValueError(f"unknown vision encoder {name!r}; available: {', '.join(ENCODER_CONFIGS)}")
+    config = ENCODER_CONFIGS[name]
     fields = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
@@ -110,18 +110,18 @@ def build_encoder(config: EncoderConfig, **module_kwargs) -> nn.Module:
     """The encoder module of `config`: images [N, H, W, 3] -> features [N, C] (or tokens [N, L, C])."""
     family = getattr(config, "family", None)
     if family not in FAMILIES:
-        raise TypeError(f"{type(config).__name__} is not a vision encoder config; use vision_config(name) "
-                        f"with one of {', '.join(VISION_CONFIGS)}")
+        raise TypeError(f"{type(config).__name__} is not a vision encoder config; use encoder_config(name) "
+                        f"with one of {', '.join(ENCODER_CONFIGS)}")
     return FAMILIES[family][1](config, **module_kwargs)
 
 
-def vision_config_to_dict(config: EncoderConfig) -> dict:
-    """A JSON-able dict of `config` with its `family`, which `vision_config_from_dict` reads back."""
+def encoder_config_to_dict(config: EncoderConfig) -> dict:
+    """A JSON-able dict of `config` with its `family`, which `encoder_config_from_dict` reads back."""
     return {"family": config.family, **dataclasses.asdict(config)}
 
 
-def vision_config_from_dict(fields: dict) -> EncoderConfig:
-    """The config `vision_config_to_dict` wrote (a dict without `family` is an NF-ResNet's, as older exports)."""
+def encoder_config_from_dict(fields: dict) -> EncoderConfig:
+    """The config `encoder_config_to_dict` wrote (a dict without `family` is an NF-ResNet's, as older exports)."""
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     family = fields.pop("family", "nf_resnet")
     if family not in FAMILIES:
@@ -141,7 +141,7 @@ def torch_padding(kernel: int, stride: int) -> tuple[tuple[int, int], tuple[int,
 
 class WSConv(nn.Module):
     """Conv with scaled weight standardisation: each output filter has zero mean and variance 1/fan_in,
-    times a learnable per-channel gain, plus a bias (see `VisionConfig.style` for the two styles)."""
+    times a learnable per-channel gain, plus a bias (see `NFResNetConfig.style` for the two styles)."""
 
     features: int
     kernel: int
@@ -182,7 +182,7 @@ class WSConv(nn.Module):
 class NFBlock(nn.Module):
     """Pre-activation bottleneck block: x + alpha * skip_gain * f(act(x) * beta)."""
 
-    config: VisionConfig
+    config: NFResNetConfig
     features: int
     stride: int
     beta: float
@@ -221,7 +221,7 @@ class NFBlock(nn.Module):
 class NFResNet(nn.Module):
     """Images [N, H, W, 3] -> pooled features [N, config.num_features] (mean-pooled as in the paper, or max)."""
 
-    config: VisionConfig
+    config: NFResNetConfig
 
     @nn.compact
     def __call__(self, images):
@@ -246,4 +246,4 @@ class NFResNet(nn.Module):
         return pool(act(x).astype(jnp.float32), cfg.pool)
 
 
-FAMILIES = {"nf_resnet": (VisionConfig, NFResNet), "vit": (ViTConfig, ViT), "convnet": (ConvNetConfig, ConvNet)}
+FAMILIES = {"nf_resnet": (NFResNetConfig, NFResNet), "vit": (ViTConfig, ViT), "convnet": (ConvNetConfig, ConvNet)}

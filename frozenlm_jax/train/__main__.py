@@ -1,11 +1,15 @@
-"""Train a Frozen model: `python -m frozenlm_jax.train --config=configs/NAME.py[:arg] --workdir=DIR`.
+"""Train a Frozen model: `python -m frozenlm_jax.train --config=NAME[:arg] --workdir=DIR`.
 
-Override any config key with `--config.a.b=value` (unknown keys are an error).
+NAME is a packaged config (`shapes_smollm2`, `tiny`, `cc3m_paper`, `coco_gpt2`: `frozenlm_jax/configs/`) or a path
+to a config file. Override any config key with `--config.a.b=value` (unknown keys are an error).
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from frozenlm_jax.config import config_file
 from frozenlm_jax.train.trainer import export, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config).", lock_config=True)
@@ -28,5 +32,20 @@ def main(argv):
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
+def resolve_config_argument(argv: list[str]) -> list[str]:
+    """argv with `--config=NAME[:arg]` (or `--config NAME`) turned into the config file's path."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            argv[i] = "--config=" + config_file(arg[len("--config="):])
+        elif arg == "--config" and i + 1 < len(argv):
+            argv[i + 1] = config_file(argv[i + 1])
+    return argv
+
+
 if __name__ == "__main__":
-    app.run(main)
+    try:
+        arguments = resolve_config_argument(sys.argv)
+    except ValueError as e:
+        sys.exit(str(e))
+    app.run(main, argv=arguments)

@@ -12,25 +12,22 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from frozenlm_jax.checkpoints.params import abstract_params
-from frozenlm_jax.checkpoints.vision_weights import load_encoder_weights
-from frozenlm_jax.models.frozen import Frozen, vision_prefix
-from frozenlm_jax.models.lm import DecoderLM
+from frozenlm_jax.models.frozen import Frozen, abstract_frozen_params
 from frozenlm_jax.parallel import DEFAULT_RULES, batch_sharding, known_cpu_options, logical_shardings
 from frozenlm_jax.train.optimizer import make_optimizer, param_labels
+from frozenlm_jax.train.state import TrainState
+from frozenlm_jax.trees import merge_params, split_params
 
 
 # XLA:CPU sends dots, convolutions and reductions to YNNPACK by default; its convolutions are slower than
 # Eigen's (NF-ResNet-50 at 224 px: 3.23 -> 2.34 s/step,
-# `python bench/train_step.py --only="NF-ResNet-50 224px"`), so the step keeps YNNPACK for dots and reductions.
+# `python -m bench.train_step --only="NF-ResNet-50 224px"`), so the step keeps YNNPACK for dots and reductions.
 _CPU_STEP_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type",
                       "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"),)
 
@@ -40,44 +37,8 @@ def cpu_step_options() -> dict[str, str]:
     return known_cpu_options(_CPU_STEP_OPTIONS)
 
 
-@flax.struct.dataclass
-class TrainState:
-    """What a step updates (and donates): the step count, the trainable params and their optimizer state."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-
-
-def _flat(tree):
-    return traverse_util.flatten_dict(tree, sep="/", is_leaf=lambda _, x: not isinstance(x, dict))
-
-
-def split_params(params, labels):
-    """(trainable, frozen): two nested dicts holding the leaves labelled trainable and `frozen`."""
-    flat, flat_labels = _flat(params), _flat(labels)
-    trainable = {p: v for p, v in flat.items() if flat_labels[p] != "frozen"}
-    frozen = {p: v for p, v in flat.items() if flat_labels[p] == "frozen"}
-    return traverse_util.unflatten_dict(trainable, sep="/"), traverse_util.unflatten_dict(frozen, sep="/")
-
-
-def merge_params(*trees):
-    merged = {}
-    for tree in trees:
-        merged.update(_flat(tree))
-    return traverse_util.unflatten_dict(merged, sep="/")
-
-
-def abstract_model_params(model: Frozen, image_shape: tuple[int, int, int]):
-    """Boxed ShapeDtypeStructs of the full `{vision, lm}` tree, carrying logical axis names."""
-    vision = vision_prefix(model)
-    images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    return {"vision": jax.eval_shape(vision.init, jax.random.key(0), images)["params"],
-            "lm": abstract_params(model.lm_config)}
-
-
 @dataclasses.dataclass
-class Trainer:
+class TrainStep:
     """A compiled, sharded training step and the shardings it was built for."""
 
     model: Frozen
@@ -96,7 +57,7 @@ class Trainer:
 
 def make_trainer(model: Frozen, mesh: Mesh, *, label_rules, optimizer_kwargs: dict, image_shape,
                  rules=DEFAULT_RULES, max_targets: int | None = None, grad_accum_steps: int = 1,
-                 return_frozen_grads: bool = False) -> Trainer:
+                 return_frozen_grads: bool = False) -> TrainStep:
     """Build the jitted step for `model` on `mesh`.
 
     grad_accum_steps: split each batch into this many microbatches, run them one after another and
@@ -105,7 +66,7 @@ def make_trainer(model: Frozen, mesh: Mesh, *, label_rules, optimizer_kwargs: di
     return_frozen_grads: also differentiate w.r.t. the frozen leaves and return those gradients in the
         metrics (only to measure what freezing by argument saves).
     """
-    abstract = abstract_model_params(model, image_shape)
+    abstract = abstract_frozen_params(model, image_shape)
     labels = param_labels(nn.unbox(abstract), label_rules)
     optimizer = make_optimizer(labels, **optimizer_kwargs)
     param_shardings = logical_shardings(abstract, mesh, rules)
@@ -162,40 +123,5 @@ def make_trainer(model: Frozen, mesh: Mesh, *, label_rules, optimizer_kwargs: di
     step = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh, rules)),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,),
                    compiler_options=cpu_step_options() if on_cpu else None)
-    return Trainer(model, mesh, labels, optimizer, state_shardings, frozen_shardings,
+    return TrainStep(model, mesh, labels, optimizer, state_shardings, frozen_shardings,
                    batch_sharding(mesh, rules), step)
-
-
-def init_params(trainer: Trainer, rng, lm_params=None, image_shape=None, vision_init: str | None = None):
-    """(TrainState, frozen params), each leaf created directly in its sharding.
-
-    The vision params are initialised here, the encoder's then replaced by the weights of the safetensors
-    file `vision_init` if given; the LM params are `lm_params` (from `load_lm`, ideally loaded onto the
-    same mesh) or, if None (the `scratch` variant), randomly initialised.
-    """
-    model = trainer.model
-    vision = vision_prefix(model)
-    shardings = merge_params(trainer.state_shardings.params, trainer.frozen_shardings)
-    images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    vision_rng, lm_rng = jax.random.split(rng)
-    vision_params = jax.jit(lambda r: nn.unbox(vision.init(r, images)["params"]),
-                            out_shardings=shardings["vision"])(vision_rng)
-    if vision_init:
-        encoder = load_encoder_weights(vision_init, model.vision_config, vision_params["encoder"])
-        encoder = jax.tree.map(lambda v, s: jax.make_array_from_callback(v.shape, s, lambda idx: v[idx]),
-                               encoder, shardings["vision"]["encoder"])
-        vision_params = dict(vision_params, encoder=encoder)
-    if lm_params is None:
-        lm = DecoderLM(model.lm_config)
-        lm_params = jax.jit(lambda r: nn.unbox(lm.init(r, jnp.zeros((1, 1), jnp.int32))["params"]),
-                            out_shardings=shardings["lm"])(lm_rng)
-    else:
-        # Trainable LM leaves (finetuned) are donated by the step, so they are copied; frozen leaves are
-        # shared with the caller (a copy would hold a frozen LM twice).
-        lm_params = jax.tree.map(lambda x, s, label: jax.device_put(x, s, may_alias=label == "frozen"),
-                                 lm_params, shardings["lm"], trainer.labels["lm"])
-    params = {"vision": vision_params, "lm": lm_params}
-    trainable, frozen = split_params(params, trainer.labels)
-    opt_state = jax.jit(trainer.optimizer.init, out_shardings=trainer.state_shardings.opt_state)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), trainer.state_shardings.step)
-    return TrainState(step=step, params=trainable, opt_state=opt_state), frozen

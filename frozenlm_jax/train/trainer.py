@@ -22,16 +22,18 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from frozenlm_jax.checkpoints import load_lm
+from frozenlm_jax.build import build_lm, build_model
+from frozenlm_jax.checkpointing import Checkpointer, fingerprint, write_json
+from frozenlm_jax.config import validate_config
+from frozenlm_jax.data.batch import make_global_batch
 from frozenlm_jax.eval import shapes_captions
+from frozenlm_jax.export import save_exported
 from frozenlm_jax.models.frozen import Frozen, check_batch
-from frozenlm_jax.models.lm import LMConfig
-from frozenlm_jax.models.vision import vision_config
 from frozenlm_jax.parallel import make_mesh
-from frozenlm_jax.train.checkpointing import Checkpointer, fingerprint, write_json
-from frozenlm_jax.train.config import validate_config
 from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES, with_prefix_rule
-from frozenlm_jax.train.step import init_params, make_trainer, merge_params
+from frozenlm_jax.train.state import init_train_state
+from frozenlm_jax.train.step import make_trainer
+from frozenlm_jax.trees import merge_params
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -51,28 +53,6 @@ def maybe_initialize_distributed() -> None:
                         num_processes=int(os.environ["FROZENLM_NUM_PROCESSES"]),
                         process_id=int(os.environ["FROZENLM_PROCESS_ID"]))
     jax.distributed.initialize(**explicit)
-
-
-def build_lm(config: ml_collections.ConfigDict, mesh, rules):
-    """(LMConfig, LM params or None for a random LM, tokenizer, source string) from `config.lm`."""
-    c = config.lm
-    overrides = dict(scan_layers=c.scan_layers, remat=c.remat, attention_impl=c.attention_impl)
-    if c.source != "random":
-        lm = load_lm(c.source, dtype=c.dtype, mesh=mesh, rules=rules, **overrides)
-        if lm.tokenizer is None:
-            raise ValueError(f"lm.source={c.source!r} has no tokenizer; captions cannot be tokenised")
-        params = None if config.model.variant == "scratch" else lm.params
-        return lm.config, params, lm.tokenizer, c.source
-    if c.tokenizer == "bytes":
-        from frozenlm_jax.data.testing import byte_tokenizer
-
-        tokenizer = byte_tokenizer()
-    else:
-        tokenizer = load_lm(c.tokenizer).tokenizer
-    fields = dict(c.random.to_dict())
-    fields["vocab_size"] = fields["vocab_size"] or tokenizer.vocab_size
-    lm_config = LMConfig(**fields, dtype=c.dtype, param_dtype=c.dtype, **overrides)
-    return lm_config, None, tokenizer, f"random(seed={config.seed})"
 
 
 @dataclasses.dataclass
@@ -132,16 +112,6 @@ class Run:
     restore_s: float | None  # seconds spent restoring a checkpoint, if one was restored
 
 
-def encoder_config(config: ml_collections.ConfigDict):
-    """The vision encoder's config: `vision.encoder` with the `vision.*` fields that apply to its family."""
-    vision = vision_config(config.vision.encoder)
-    if vision.family == "nf_resnet":
-        vision = vision.replace(skip_gain_init=config.vision.skip_gain_init)
-    if config.vision.pool:
-        vision = vision.replace(pool=config.vision.pool)
-    return vision
-
-
 def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, step: int | str | None = None) -> Run:
     """Build the model and step of `config`; resume from `workdir`'s latest checkpoint, else
     `train.init_checkpoint`, else a fresh initialisation.
@@ -157,9 +127,7 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, step: in
     mesh = make_mesh(config.mesh.to_dict())
     lm_config, lm_params, tokenizer, lm_source = build_lm(config, mesh, rules)
     n = config.model.num_prefix_tokens
-    vision = encoder_config(config)
-    model = Frozen(lm_config, vision, n, variant=config.model.variant,
-                   prefix_init_std=config.model.prefix_init_std or None)
+    model = build_model(config, lm_config)
     image_shape = (config.vision.image_size, config.vision.image_size, 3)
     label_rules = tuple(tuple(r) for r in config.model.label_rules) or VARIANT_LABEL_RULES[config.model.variant]
     if config.optimizer.prefix_learning_rate:
@@ -169,7 +137,7 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, step: in
                            max_targets=config.data.max_len - n, grad_accum_steps=config.train.grad_accum_steps)
     rng = jax.random.key(config.seed)
     init_rng, rng = jax.random.split(rng)
-    state, frozen = init_params(trainer, init_rng, lm_params, image_shape, vision_init=config.vision.init or None)
+    state, frozen = init_train_state(trainer, init_rng, lm_params, image_shape, vision_init=config.vision.init or None)
     del lm_params
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints, lm_source,
                                 fingerprint(frozen, lm_source))
@@ -193,8 +161,6 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, step: in
 
 def export(config: ml_collections.ConfigDict, workdir: str | Path, out: str | Path, lm_weights: bool = False) -> Path:
     """Write the latest checkpoint of `workdir` as a self-contained model that `load_frozen` opens."""
-    from frozenlm_jax.export import save_exported
-
     run = restore_run(config, workdir)
     trained = run.checkpointer.latest_step() is not None
     run.checkpointer.close()
@@ -304,8 +270,6 @@ def _all_data_states(pipeline) -> list[dict]:
 
 
 def _global_batch(host_batch, mesh):
-    from frozenlm_jax.data.pipeline import make_global_batch
-
     return make_global_batch(host_batch, mesh, data_axis=BATCH_AXES)
 
 

@@ -1,6 +1,6 @@
 """A tiny random LM with a byte tokenizer on a tiny shapes split: the whole loop in seconds (tests)."""
 
-from frozenlm_jax.train.config import default_config
+from frozenlm_jax.config import default_config
 
 
 def get_config(arg=None):

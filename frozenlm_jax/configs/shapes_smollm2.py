@@ -1,13 +1,13 @@
-"""The embedded default (README's main job): frozen SmolLM2-135M, a small max-pooled CNN, n = 2, the shapes world.
+"""The embedded default (the quick start's main job): frozen SmolLM2-135M, a small max-pooled CNN, n = 2, the shapes world.
 
-    python -m frozenlm_jax.train --config=configs/shapes_smollm2.py --workdir=/tmp/frozen_shapes
+    python -m frozenlm_jax.train --config=shapes_smollm2 --workdir=/tmp/frozen_shapes
 
-An argument picks the paper's variant (README, "The Frozen experiment, in miniature"):
-`configs/shapes_smollm2.py:train_blind` (blank images), `:finetuned` (the LM trains too, at
+An argument picks the paper's variant (docs/evaluation.md, "The Frozen experiment, in miniature"):
+`shapes_smollm2:train_blind` (blank images), `:finetuned` (the LM trains too, at
 `optimizer.lm_learning_rate`), `:scratch` (the LM starts from random weights and trains).
 """
 
-from frozenlm_jax.train.config import default_config
+from frozenlm_jax.config import default_config
 
 
 def get_config(variant=None):
@@ -15,7 +15,7 @@ def get_config(variant=None):
     c.model.variant = variant or "frozen"
     c.lm.source = "smollm2-135m"
     # A batch-normalised CNN, max-pooled: the mean-pooled NF-ResNet and CNN named shapes barely above chance
-    # (README, "The default run, measured").
+    # (docs/training.md, "The default run, measured").
     c.vision.encoder = "convnet_small"
     c.vision.pool = "max"
     c.vision.image_size = 64

@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from frozenlm_jax.checkpoints.params import CheckpointError
+from frozenlm_jax.weights.params import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,8 @@ import gguf
 import numpy as np
 import tokenizers
 
-from frozenlm_jax.checkpoints.params import CheckpointError
-from frozenlm_jax.data.tokenizer import Tokenizer, byte_level_bpe
+from frozenlm_jax.weights.params import CheckpointError
+from frozenlm_jax.tokenizer import Tokenizer, byte_level_bpe
 from frozenlm_jax.models.lm import LMConfig, RopeScaling
 
 SUPPORTED_ARCHITECTURES = ("llama",)

@@ -32,7 +32,9 @@ def fingerprint(frozen_params, source: str) -> str:
 class Checkpointer:
     """Saves and restores a run's checkpoints under `directory`."""
 
-    def __init__(self, directory: str | Path, keep: int, frozen_source: str, frozen_fingerprint: str):
+    def __init__(self, directory: str | Path, keep: int, frozen_source: str, frozen_fingerprint: str | None,
+                 create: bool = True):
+        """create=False: only read what is there (e.g. to load a trained model)."""
         self.frozen = {"source": frozen_source, "fingerprint": frozen_fingerprint}
         policy = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
@@ -44,7 +46,7 @@ class Checkpointer:
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
             # best_fn makes orbax write each step's metrics to disk, so a resumed run (and `best_step`)
             # still knows which kept checkpoint is best; retention follows `policy` alone.
-            options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+            options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=create,
                                                  best_fn=lambda m: m["val_loss"], best_mode="min"))
 
     def latest_step(self) -> int | None:
@@ -85,6 +87,16 @@ class Checkpointer:
         tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32), impl=jax.random.key_impl(rng_like))
         return tree["state"], rng, meta["data_states"]
+
+    def restore_params(self, step: int):
+        """(trainable params, the frozen LM's {source, fingerprint}) of `step`, on the default device: the state's
+        params alone, read against the checkpoint's own metadata (no optimizer or model needed)."""
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        saved = self.manager.item_metadata(step)["state"]
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), saved)
+        tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return tree["state"]["state"]["params"], meta["frozen"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -1,19 +1,19 @@
 """The paper's setup: NF-ResNet-50, n = 2, a 7B-class LM in bfloat16, Conceptual Captions, global batch 128 on
 a TPU v3-64 (64 cores as a 16 data x 4 model-parallel mesh, as in the paper's appendix).
 
-    ./launch_tpu.sh  (CONFIG=configs/cc3m_paper.py:/path/to/hf_llama_7b_dir, see README)
-    python -m frozenlm_jax.train --config=configs/cc3m_paper.py:/path/to/hf_llama_7b_dir --workdir=gs://BUCKET/run
+    ./launch_tpu.sh  (CONFIG=cc3m_paper:/path/to/hf_llama_7b_dir, see docs/tpu.md)
+    python -m frozenlm_jax.train --config=cc3m_paper:/path/to/hf_llama_7b_dir --workdir=gs://BUCKET/run
 
 The argument is the LM: a local HF directory (config.json + safetensors) or any `load_lm` source.
-CC3M is prepared first from a manual directory (README, "Conceptual Captions").
+CC3M is prepared first from a manual directory (docs/data.md, "Conceptual Captions").
 """
 
-from frozenlm_jax.train.config import default_config
+from frozenlm_jax.config import default_config
 
 
 def get_config(arg=None):
     if not arg:
-        raise ValueError("configs/cc3m_paper.py needs the LM: --config=configs/cc3m_paper.py:/path/to/hf_lm_dir")
+        raise ValueError("cc3m_paper needs the LM: --config=cc3m_paper:/path/to/hf_lm_dir")
     c = default_config()
     c.lm.source = arg
     c.lm.dtype = "bfloat16"  # the frozen LM's weights and activations; vision params stay float32

@@ -10,8 +10,8 @@ import numpy as np
 import tokenizers
 from safetensors import SafetensorError, safe_open
 
-from frozenlm_jax.checkpoints.params import CheckpointError
-from frozenlm_jax.data.tokenizer import Tokenizer
+from frozenlm_jax.weights.params import CheckpointError
+from frozenlm_jax.tokenizer import Tokenizer
 from frozenlm_jax.models.lm import LMConfig, RopeScaling
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gpt2")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_collections
 
+from frozenlm_jax.models.frozen import VARIANTS
 from frozenlm_jax.parallel import DEFAULT_RULES
 
 
@@ -82,7 +85,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.episode_shots = (1, 3)
     c.eval.task_induction = False  # episode prompts open with "Answer with dax or blicket."
     c.eval.blind_baseline = True  # also a "<run> (blind)" row: the same prompts with every image blanked
-    c.eval.data_dir = ""  # holds vqav2/ and okvqa/ (official files, see README "Evaluation"); shapes tasks need none
+    c.eval.data_dir = ""  # holds vqav2/ and okvqa/ (official files, see docs/evaluation.md); shapes tasks need none
     c.eval.batch_size = 16
     c.eval.seed = 0
 
@@ -94,12 +97,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise naming every key of `config` that `default_config()` does not have, or an unknown variant."""
-    from frozenlm_jax.models.frozen import VARIANTS
 
     unknown = _unknown_keys(config, default_config(), "")
     if unknown:
         raise ValueError(f"unknown config key(s): {', '.join(unknown)}; the known keys are those of "
-                         "frozenlm_jax.train.config.default_config()")
+                         "frozenlm_jax.config.default_config()")
     if config.model.variant not in VARIANTS:
         raise ValueError(f"model.variant {config.model.variant!r} is not one of {', '.join(VARIANTS)}")
 
@@ -113,3 +115,17 @@ def _unknown_keys(config, reference, prefix):
         elif isinstance(reference[key], ml_collections.ConfigDict) and isinstance(config[key], ml_collections.ConfigDict):
             unknown += _unknown_keys(config[key], reference[key], path + ".")
     return unknown
+
+
+def config_file(spec: str) -> str:
+    """`path[:arg]` of a config given as a file (`path/to/config.py[:arg]`) or by the name of a packaged one
+    (`shapes_smollm2[:arg]`, a file of `frozenlm_jax/configs/`)."""
+    name, sep, arg = spec.partition(":")
+    if Path(name).is_file():
+        return spec
+    packaged = Path(__file__).resolve().parent / "configs"
+    if (packaged / f"{name}.py").is_file():
+        return f"{packaged / name}.py{sep}{arg}"
+    names = sorted(p.stem for p in packaged.glob("[!_]*.py"))
+    raise ValueError(f"--config={spec}: no file {name!r} and no packaged config of that name; packaged: "
+                     f"{', '.join(names)} (or pass a path to a config file)")

@@ -1,4 +1,5 @@
-"""The text tokenizer every part of the project uses: a thin wrapper over `tokenizers`.
+"""The text tokenizer every part of the project uses: a thin wrapper over `tokenizers`, and a byte-level
+tokenizer built offline (for random LMs, tests and examples that need no downloaded LM).
 
 Special tokens follow the LM's own metadata: `encode` adds BOS only when the tokenizer's post-processor
 does (SmolLM2 adds none, Llama-2 adds one); `eos_id` ends captions; `pad_id` may equal `eos_id`.
@@ -57,3 +58,26 @@ def byte_level_bpe(tokens: list[str], merges: list[str], special_tokens: list[st
             [tokenizers.AddedToken(t, normalized=False, special=True) for t in special_tokens]
         )
     return backend
+
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2's printable stand-in for each byte 0..255 (the alphabet of byte-level BPE vocabularies)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def byte_tokenizer() -> Tokenizer:
+    """One id per byte (0..255) plus `<|endoftext|>` = 256 as EOS and pad; no BOS, like SmolLM2/GPT-2."""
+    backend = byte_level_bpe(byte_symbols() + [END_OF_TEXT], [], [END_OF_TEXT])
+    eos = backend.token_to_id(END_OF_TEXT)
+    return Tokenizer(backend, bos_id=None, eos_id=eos, pad_id=eos)

@@ -1,12 +1,12 @@
 """A tfds caption dataset with an HF GPT-2 directory: COCO captions through frozen GPT-2.
 
-    python -m frozenlm_jax.train --config=configs/coco_gpt2.py:/path/to/gpt2_dir --workdir=/tmp/coco_gpt2
+    python -m frozenlm_jax.train --config=coco_gpt2:/path/to/gpt2_dir --workdir=/tmp/coco_gpt2
 
 The argument is the LM (an HF GPT-2 directory with config.json, model.safetensors, tokenizer.json, or a
-Hub id where the network allows). Prepare coco_captions with tfds first (README, "Real caption datasets").
+Hub id where the network allows). Prepare coco_captions with tfds first (docs/data.md, "Real caption datasets").
 """
 
-from frozenlm_jax.train.config import default_config
+from frozenlm_jax.config import default_config
 
 
 def get_config(arg=None):

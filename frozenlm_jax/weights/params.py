@@ -18,7 +18,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm.auto import tqdm
 
-from frozenlm_jax.models.lm import DecoderLM, LMConfig
+from frozenlm_jax.models.lm import LMConfig, abstract_lm_params
 from frozenlm_jax.parallel import DEFAULT_RULES, logical_shardings
 
 
@@ -112,12 +112,6 @@ def _gpt2_table(c: LMConfig) -> dict[str, Entry]:
 TABLES = {"llama": _llama_table, "gpt2": _gpt2_table}
 
 
-def abstract_params(config: LMConfig):
-    """The boxed (logically partitioned) ShapeDtypeStruct tree of a DecoderLM's params."""
-    model = DecoderLM(config)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-
-
 def _plan(config: LMConfig, flat_shapes: dict[str, tuple[int, ...]]):
     """For each parameter path, the list of (tensor name, expected shape, transform) to build it from."""
     table = TABLES[config.family](config)
@@ -170,7 +164,7 @@ def assemble_params(config: LMConfig, source: TensorSource, mesh=None, rules=DEF
     With a mesh, shardings come from the params' logical axis names and `rules`; without, each leaf
     is an ordinary single-device array.
     """
-    abstract = abstract_params(config)
+    abstract = abstract_lm_params(config)
     shapes = traverse_util.flatten_dict(nn.unbox(abstract), sep="/")
     shardings = traverse_util.flatten_dict(logical_shardings(abstract, mesh, rules), sep="/") if mesh else {}
     plan = _plan(config, {p: s.shape for p, s in shapes.items()})

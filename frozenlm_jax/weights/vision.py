@@ -20,7 +20,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 
-from frozenlm_jax.checkpoints.params import CheckpointError
+from frozenlm_jax.weights.params import CheckpointError
 
 LAYOUTS = ("timm", "hf")
 
