@@ -1,6 +1,10 @@
 """Orbax checkpoints of a run: the trainable state (params, optimizer state, step), the RNG and the input
 pipeline's state; the N latest plus the best by validation loss. Frozen params are not copied into every
 checkpoint: their source and fingerprint are recorded and verified on restore.
+
+Each saved step also records the size and SHA-256 of its files (`checksums.process_<i>.json`: each process over
+the files it wrote), and a restore verifies them first: a damaged step is a `CheckpointDamaged` error naming the
+step and the file, never a silently wrong state.
 """
 
 from __future__ import annotations
@@ -15,8 +19,30 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 
+CHECKSUMS = "checksums.process_{}.json"
+
+
 class CheckpointMismatch(ValueError):
     """A checkpoint does not fit this run (another LM, other shapes)."""
+
+
+class CheckpointDamaged(OSError):
+    """A checkpoint's files differ from the checksums recorded when it was saved."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _written_by(relative: str, process: int) -> bool:
+    """Whether `process` wrote the file at `relative` (within a step): OCDBT data under `ocdbt.process_<i>/` is its
+    writer's; the shared files (metadata, manifests, JSON items) are process 0's."""
+    owners = [part for part in relative.split("/") if part.startswith("ocdbt.process_")]
+    return owners == [f"ocdbt.process_{process}"] if owners else process == 0
 
 
 def fingerprint(frozen_params, source: str) -> str:
@@ -49,8 +75,60 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=create,
                                                  best_fn=lambda m: m["val_loss"], best_mode="min"))
 
+        self._unrecorded: int | None = None  # a saved step whose checksums are not written yet
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def step_dir(self, step: int) -> Path:
+        return Path(self.manager.directory) / str(step)
+
+    def _record_checksums(self) -> None:
+        """Once the last save is on disk, write the checksums of this process's files of that step."""
+        if self._unrecorded is None:
+            return
+        self.manager.wait_until_finished()
+        directory, process = self.step_dir(self._unrecorded), jax.process_index()
+        self._unrecorded = None
+        if not directory.is_dir():  # removed by the retention policy
+            return
+        files = {}
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            relative = path.relative_to(directory).as_posix()
+            if not path.name.startswith("checksums.") and _written_by(relative, process):
+                files[relative] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        write_json(directory / CHECKSUMS.format(process), files)
+
+    def verify(self, step: int) -> bool:
+        """Check `step`'s files against their recorded checksums: True if they match, False if the step has none
+        (saved by an older version); raises CheckpointDamaged naming the step and the first bad file."""
+        directory = self.step_dir(step)
+        records = sorted(directory.glob(CHECKSUMS.format("*")))
+        for record in records:
+            for relative, expected in json.loads(record.read_text()).items():
+                path = directory / relative
+                problem = None
+                if not path.is_file():
+                    problem = "is missing"
+                elif path.stat().st_size != expected["bytes"]:
+                    problem = f"has {path.stat().st_size} bytes, {expected['bytes']} were saved"
+                elif _sha256(path) != expected["sha256"]:
+                    problem = "has other contents than were saved (its SHA-256 differs)"
+                if problem:
+                    raise CheckpointDamaged(f"checkpoint step {step} is damaged: {path} {problem}")
+        return bool(records)
+
+    def newest_intact_step(self, before: int | None = None) -> int | None:
+        """The newest kept step (older than `before`, if given) whose files verify, or that has no checksums."""
+        for step in sorted(self.all_steps(), reverse=True):
+            if before is not None and step >= before:
+                continue
+            try:
+                self.verify(step)
+                return step
+            except CheckpointDamaged:
+                continue
+        return None
 
     def best_step(self) -> int | None:
         """The kept step with the lowest validation loss (None if no kept checkpoint has one)."""
@@ -61,12 +139,14 @@ class Checkpointer:
 
     def save(self, step: int, state, rng, data_states: list[dict], val_loss: float | None = None) -> None:
         """Save (asynchronously); `data_states` holds every process's input-pipeline state, by process index."""
+        self._record_checksums()
         meta = {"step": int(step), "data_states": data_states, "frozen": self.frozen,
                 "rng": np.asarray(jax.random.key_data(rng)).tolist()}
         tree = {"state": state}
         self.manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
             metrics=None if val_loss is None else {"val_loss": float(val_loss)})
+        self._unrecorded = int(step)
 
     def restore(self, state_like, rng_like, shardings, step: int | None = None):
         """(state, rng, data_states) of `step` (default: latest), placed on `shardings`.
@@ -74,6 +154,7 @@ class Checkpointer:
         Raises CheckpointMismatch naming the parameter whose shape differs, or the LM that differs.
         """
         step = self.manager.latest_step() if step is None else step
+        self.verify(step)
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if meta["frozen"] != self.frozen:
             raise CheckpointMismatch(
@@ -91,6 +172,7 @@ class Checkpointer:
     def restore_params(self, step: int):
         """(trainable params, the frozen LM's {source, fingerprint}) of `step`, on the default device: the state's
         params alone, read against the checkpoint's own metadata (no optimizer or model needed)."""
+        self.verify(step)
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         saved = self.manager.item_metadata(step)["state"]
@@ -99,9 +181,12 @@ class Checkpointer:
         return tree["state"]["state"]["params"], meta["frozen"]
 
     def wait(self) -> None:
+        """Block until the last save is on disk, with its checksums."""
         self.manager.wait_until_finished()
+        self._record_checksums()
 
     def close(self) -> None:
+        self.wait()
         self.manager.close()
 
 

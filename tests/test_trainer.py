@@ -2,6 +2,7 @@
 subprocess, and the clear errors of mismatched checkpoints and configs."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -101,14 +103,57 @@ def test_default_config_takes_the_variant_as_its_argument():
         validate_config(shapes_smollm2.get_config("trainblind"))
 
 
-def test_nan_loss_stops_with_a_clear_message(tiny_data_dir, tmp_path):
-    config = tiny_config(tiny_data_dir, num_steps=6, log_every=1, checkpoint_every=2)
+def test_nan_loss_stops_with_a_clear_message_and_nothing_bad_is_saved(tiny_data_dir, tmp_path):
+    """Checkpoint steps (every 2) are not log steps (every 5): the loss is still checked before each save."""
+    from frozenlm_jax.checkpointing import Checkpointer
+
+    config = tiny_config(tiny_data_dir, num_steps=6, log_every=5, checkpoint_every=2)
     config.optimizer.learning_rate = 1e12
     config.optimizer.grad_clip_norm = 0.0
     config.optimizer.warmup_steps = 0
     config.optimizer.schedule_kind = "constant"
-    with pytest.raises(FloatingPointError, match="the training loss became nan at step .* last good checkpoint"):
+    with pytest.raises(FloatingPointError, match=r"the training loss became nan .* at step [0-9]+; nothing of it was "
+                                                 r"saved and (the newest verified checkpoint is step|no verified)"):
         train_and_evaluate(config, tmp_path)
+    checkpointer = Checkpointer(tmp_path / "checkpoints", 2, "", None, create=False)
+    assert checkpointer.all_steps(), "the loss stayed finite past the first checkpoint step"
+    for step in checkpointer.all_steps():
+        assert checkpointer.verify(step)
+        params, _ = checkpointer.restore_params(step)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), step
+    checkpointer.close()
+
+
+def test_a_damaged_checkpoint_is_named_and_resume_falls_back(tiny_run, tiny_data_dir, tmp_path, capsys):
+    """A data file of the latest step zeroed and cut, as a failing disk would leave it: restoring that step names
+    it and the file; resuming takes the newest intact step instead, saying so; a missing file is caught too."""
+    from frozenlm_jax import load_frozen
+    from frozenlm_jax.checkpointing import CheckpointDamaged, Checkpointer
+    from frozenlm_jax.train.trainer import restore_run
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir)
+    checkpointer = Checkpointer(workdir / "checkpoints", 2, "", None, create=False)
+    latest, older = sorted(checkpointer.all_steps(), reverse=True)[:2]
+    assert checkpointer.verify(latest) and checkpointer.verify(older)
+    data = max((p for p in (workdir / "checkpoints" / str(latest) / "state").rglob("*") if p.is_file()
+                and "/d/" in p.as_posix()), key=lambda p: p.stat().st_size)
+    damaged = bytearray(data.read_bytes())
+    damaged[100:164] = bytes(64)
+    data.write_bytes(bytes(damaged[:-min(1000, len(damaged) // 2)]))
+    with pytest.raises(CheckpointDamaged, match=f"checkpoint step {latest} is damaged: .*{data.name} has"):
+        checkpointer.verify(latest)
+    checkpointer.close()
+    with pytest.raises(CheckpointDamaged, match=f"checkpoint step {latest}"):
+        load_frozen(workdir, step=latest)
+    run = restore_run(tiny_config(tiny_data_dir), workdir)
+    run.checkpointer.close()
+    assert int(run.state.step) == older and run.checkpointer.all_steps()[-1] == older
+    assert f"resuming from step {older}, the newest intact checkpoint" in capsys.readouterr().out
+    missing = next(p for p in (workdir / "checkpoints" / str(older)).rglob("*") if p.is_file() and "/d/" in p.as_posix())
+    missing.unlink()
+    with pytest.raises(CheckpointDamaged, match=f"step {older} is damaged: .* is missing"):
+        Checkpointer(workdir / "checkpoints", 2, "", None, create=False).verify(older)
 
 
 def test_exported_model_reloads_with_the_same_logits(tiny_run, tiny_data_dir, tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from frozenlm_jax.build import build_lm, build_model
-from frozenlm_jax.checkpointing import Checkpointer, fingerprint, write_json
+from frozenlm_jax.checkpointing import CheckpointDamaged, Checkpointer, fingerprint, write_json
 from frozenlm_jax.config import validate_config
 from frozenlm_jax.data.batch import make_global_batch
 from frozenlm_jax.eval import shapes_captions
@@ -148,6 +148,8 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, step: in
         if step is not None and step not in checkpointer.all_steps():
             raise FileNotFoundError(f"{workdir} has no checkpoint of step {step!r}; it keeps steps "
                                     f"{checkpointer.all_steps()} (or pass step='best' or None: the latest)")
+        if step is None:
+            step = _intact_resume_step(checkpointer)
         start = time.perf_counter()
         state, rng, data_states = checkpointer.restore(state, rng, trainer.state_shardings, step=step)
         jax.block_until_ready(state)
@@ -157,6 +159,53 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, step: in
         state, _, _ = initial.restore(state, rng, trainer.state_shardings)
         state = state.replace(step=jnp.zeros_like(state.step))
     return Run(model, trainer, state, frozen, rng, tokenizer, lm_source, checkpointer, data_state, restore_s)
+
+
+def _intact_resume_step(checkpointer: Checkpointer) -> int:
+    """The latest step if its files verify; else, after saying so, the newest intact older one (the damaged
+    newer steps are deleted, so the run saves those steps afresh)."""
+    latest = checkpointer.latest_step()
+    try:
+        checkpointer.verify(latest)
+        return latest
+    except CheckpointDamaged as damage:
+        fallback = checkpointer.newest_intact_step(before=latest)
+        if fallback is None:
+            raise CheckpointDamaged(f"{damage}; no older kept step is intact: start a new workdir, or set "
+                                    "train.init_checkpoint to an intact run") from None
+        for step in checkpointer.all_steps():
+            if step > fallback:
+                checkpointer.manager.delete(step)
+        tqdm.write(f"{damage}\nresuming from step {fallback}, the newest intact checkpoint (deleted the damaged "
+                   "newer ones)")
+        return fallback
+
+
+def _verified_step(checkpointer: Checkpointer) -> int | None:
+    """The newest kept step whose recorded checksums match its files."""
+    for step in sorted(checkpointer.all_steps(), reverse=True):
+        try:
+            if checkpointer.verify(step):
+                return step
+        except CheckpointDamaged:
+            continue
+    return None
+
+
+def _check_finite(metrics, step: int, checkpointer: Checkpointer, workdir: Path) -> None:
+    """Raise, naming the newest verified checkpoint, if the loss or the gradient norm is not finite (then the
+    state that step produced must never be saved)."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    checkpointer.wait()
+    good = _verified_step(checkpointer)
+    where = (f"the newest verified checkpoint is step {good} in {workdir / 'checkpoints'}" if good is not None
+             else "no verified checkpoint exists yet")
+    raise FloatingPointError(
+        f"the training loss became {loss} (gradient norm {grad_norm}) at step {step}; nothing of it was saved and "
+        f"{where}. Lower optimizer.learning_rate or raise optimizer.warmup_steps, then rerun: the run resumes from "
+        "that checkpoint")
 
 
 def export(config: ml_collections.ConfigDict, workdir: str | Path, out: str | Path, lm_weights: bool = False) -> Path:
@@ -211,13 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             log_now = step % config.train.log_every == 0 or step == config.train.num_steps
             if log_now or stop["signal"] is not None:
                 metrics = jax.device_get(metrics)
+                _check_finite(metrics, step, checkpointer, workdir)
                 loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    checkpointer.wait()
-                    raise FloatingPointError(
-                        f"the training loss became {loss} at step {step}; the last good checkpoint is step "
-                        f"{checkpointer.latest_step()} in {workdir / 'checkpoints'}. Lower optimizer.learning_rate "
-                        "or raise optimizer.warmup_steps, then rerun: the run resumes from that checkpoint")
                 elapsed = time.perf_counter() - tic
                 last_metrics = {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
                                 "targets": float(metrics["num_targets"]),
@@ -241,6 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 progress.write(f"step {step}: " + ", ".join(
                     f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in evaluation.items()))
             if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stop["signal"]:
+                _check_finite(jax.device_get(metrics), step, checkpointer, workdir)
                 start = time.perf_counter()
                 checkpointer.save(step, state, rng, _all_data_states(train_data), val_loss)
                 logger.write(step, {"checkpoint_save_s": time.perf_counter() - start})  # blocking part
