@@ -38,10 +38,19 @@ class Tokenizer:
         return self.backend.token_to_id(token)
 
 
-def byte_level_bpe(tokens: list[str], merges: list[str], special_tokens: list[str]) -> tokenizers.Tokenizer:
+# How text is split into words before byte-level BPE, by GGUF `tokenizer.ggml.pre`; any other value: GPT-2's split.
+# Qwen2 / Qwen2.5 / Qwen3 (llama.cpp's "qwen2"): digits one by one, after NFC normalisation, as in their tokenizer.json.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {"qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT}
+
+
+def byte_level_bpe(tokens: list[str], merges: list[str], special_tokens: list[str], added_tokens=(),
+                   pre: str = "default") -> tokenizers.Tokenizer:
     """A GPT-2-style byte-level BPE tokenizer from a vocabulary and merges (as stored in GGUF files).
 
-    `special_tokens` are matched whole in the text (`<|im_end|>` stays one id), as transformers does.
+    `special_tokens` (`<|im_end|>`) and `added_tokens` (not special: `<think>`) are matched whole in the text and
+    stay one id, as transformers does; `pre` names the word split (`PRE_TOKENIZER_SPLITS`).
     """
     vocab = {token: index for index, token in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
@@ -51,12 +60,20 @@ def byte_level_bpe(tokens: list[str], merges: list[str], special_tokens: list[st
             fuse_unk=False,
         )
     )
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre in PRE_TOKENIZER_SPLITS:
+        backend.normalizer = tokenizers.normalizers.NFC()
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+            tokenizers.pre_tokenizers.Split(tokenizers.Regex(PRE_TOKENIZER_SPLITS[pre]), behavior="isolated"),
+            tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = tokenizers.decoders.ByteLevel()
     if special_tokens:
         backend.add_special_tokens(
             [tokenizers.AddedToken(t, normalized=False, special=True) for t in special_tokens]
         )
+    if added_tokens:
+        backend.add_tokens([tokenizers.AddedToken(t, normalized=False, special=False) for t in added_tokens])
     return backend
 
 

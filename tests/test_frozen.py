@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from conftest import jit_apply
 from flax import traverse_util
+from jax.sharding import PartitionSpec as P
 
 from frozenlm_jax.models.frozen import Frozen, check_batch
-from frozenlm_jax.models.lm import DecoderLM, LMConfig
+from frozenlm_jax.models.lm import DecoderLM, LMConfig, abstract_lm_params
 from frozenlm_jax.models.vision import NFResNet, encoder_config
-from frozenlm_jax.parallel import make_mesh
+from frozenlm_jax.parallel import logical_shardings, make_mesh
 from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES, param_labels, with_prefix_rule
 from frozenlm_jax.train.state import init_train_state
 from frozenlm_jax.train.step import make_trainer
@@ -36,8 +37,8 @@ def make_batch(seed=0, images_per_row=1):
                 image_positions=np.zeros((B, images_per_row), np.int32), loss_mask=np.arange(T)[None].repeat(B, 0) >= N)
 
 
-def trainer_for(mesh, variant="frozen", lr=1e-3, **kwargs):
-    model = Frozen(LM, VISION, N, variant=variant)
+def trainer_for(mesh, variant="frozen", lr=1e-3, lm=LM, **kwargs):
+    model = Frozen(lm, VISION, N, variant=variant)
     return make_trainer(model, mesh, label_rules=VARIANT_LABEL_RULES[variant], image_shape=IMAGE,
                         optimizer_kwargs=dict(learning_rate=lr, lm_learning_rate=lr, weight_decay=0.0,
                                               total_steps=100), **kwargs)
@@ -51,12 +52,16 @@ def flat(tree):
     return traverse_util.flatten_dict(tree, sep="/")
 
 
-@pytest.fixture(scope="module")
-def lm_params():
+def random_lm_params(config):
     """A random LM with the weight scale of a trained one (at init scale 0.02 its logits are nearly flat,
     so no prefix could make it predict anything)."""
-    params = nn.unbox(jax.jit(DecoderLM(LM).init)(jax.random.key(7), jnp.zeros((1, 1), jnp.int32))["params"])
+    params = nn.unbox(jax.jit(DecoderLM(config).init)(jax.random.key(7), jnp.zeros((1, 1), jnp.int32))["params"])
     return jax.tree.map(lambda x: x * 25 if x.ndim > 1 else x, params)
+
+
+@pytest.fixture(scope="module")
+def lm_params():
+    return random_lm_params(LM)
 
 
 def test_freezing_keeps_lm_bit_identical_and_trains_only_vision(lm_params):
@@ -81,6 +86,29 @@ def test_freezing_keeps_lm_bit_identical_and_trains_only_vision(lm_params):
     opt_leaves = jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
     assert all("'lm'" not in jax.tree_util.keystr(path) for path, leaf in opt_leaves if np.ndim(leaf) > 0)
     assert sum(np.size(leaf) for _, leaf in opt_leaves) < 3 * sum(x.size for x in jax.tree.leaves(state.params)) + 10
+
+
+@pytest.mark.parametrize("lm", [LM.replace(qkv_bias=True, tie_word_embeddings=True, sliding_window=4),
+                                LM.replace(qk_norm=True, head_dim=12)], ids=["qwen2", "qwen3"])
+def test_qwen_lm_stays_bit_identical_through_a_step(lm):
+    """Qwen2's q/k/v biases and Qwen3's q/k norms are frozen LM params, sharded by their logical axes."""
+    shardings = flat(logical_shardings(abstract_lm_params(lm), make_mesh({"data": 2, "fsdp": 2, "tensor": 2})))
+    if lm.qkv_bias:  # (kv_heads, head_dim)
+        assert shardings["layers_0/attn/k_proj/bias"].spec == P("tensor", None)
+    if lm.qk_norm:  # (norm,): replicated
+        assert shardings["layers_0/attn/k_norm/scale"].spec == P(None)
+    params = jax.tree.map(lambda x: x + 0.1 if x.ndim == 1 else x, random_lm_params(lm))  # biases not zero
+    trainer = trainer_for(single_device_mesh(), lm=lm)
+    state, frozen = init_train_state(trainer, jax.random.key(0), params, IMAGE)
+    attn = frozen["lm"]["layers_0"]["attn"]
+    assert ("bias" in attn["q_proj"], "bias" in attn["o_proj"], "q_norm" in attn) == (lm.qkv_bias, False, lm.qk_norm)
+    before = jax.tree.map(np.array, frozen)
+    stem_before = np.array(state.params["vision"]["encoder"]["stem"]["kernel"])
+    state, metrics = trainer.step(state, frozen, trainer.shard_batch(make_batch()))
+    assert np.isfinite(float(metrics["loss"]))
+    for path, value in flat(before).items():
+        np.testing.assert_array_equal(np.asarray(flat(frozen)[path]), value, err_msg=path)
+    assert not np.array_equal(np.asarray(state.params["vision"]["encoder"]["stem"]["kernel"]), stem_before)
 
 
 def test_finetuned_variant_trains_the_lm(lm_params):

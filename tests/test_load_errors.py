@@ -20,7 +20,27 @@ def rewrite_tensors(directory, change):
 
 def test_unsupported_model_type(tmp_path):
     write_random_hf_llama(tmp_path, model_type="bert")
-    with pytest.raises(CheckpointError, match="unsupported model_type 'bert'; supported: llama, mistral, gpt2"):
+    with pytest.raises(CheckpointError,
+                       match="unsupported model_type 'bert'; supported: llama, mistral, qwen2, qwen3, gpt2"):
+        load_lm(str(tmp_path))
+
+
+@pytest.mark.parametrize("model_type, missing", [("qwen2", r"'model.layers.0.self_attn.k_proj.bias' \(shape \(32,\)"),
+                                                 ("qwen3", r"'model.layers.0.self_attn.k_norm.weight' \(shape \(8,\)")],
+                         ids=["qwen2", "qwen3"])
+def test_qwen_checkpoint_without_its_biases_or_norms(tmp_path, model_type, missing):
+    write_random_hf_llama(tmp_path, model_type=model_type)  # llama tensors only
+    with pytest.raises(CheckpointError, match=f"no tensor {missing}, for parameter 'layers_0/attn/k_"):
+        load_lm(str(tmp_path))
+
+
+def test_qwen_configs_that_cannot_be_built(tmp_path):
+    write_random_hf_llama(tmp_path, model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    with pytest.raises(CheckpointError, match=r"use_sliding_window=true with a window of 4 on layers \[1\] only "
+                                              r"\(max_window_layers=1, of num_hidden_layers=2\).*not supported"):
+        load_lm(str(tmp_path))
+    write_random_hf_llama(tmp_path, model_type="qwen2", rope_scaling={"type": "yarn", "factor": 4.0})
+    with pytest.raises(CheckpointError, match="unsupported rope scaling 'yarn'; supported: default, linear, llama3"):
         load_lm(str(tmp_path))
 
 

@@ -1,4 +1,4 @@
-"""A decoder-only transformer in linen covering the Llama (llama, mistral) and GPT-2 families.
+"""A decoder-only transformer in linen covering the Llama (llama, mistral, qwen2, qwen3) and GPT-2 families.
 
 `DecoderLM(config).apply({"params": p}, input_ids)` gives float32 logits [B, T, padded_vocab]; the visual
 prefix enters through `inputs_embeds`; `return_hidden=True` returns final hidden states so a caller
@@ -240,7 +240,9 @@ class LMConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on the q, k, v and o projections
+    qkv_bias: bool = False  # biases on the q, k and v projections only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     vocab_pad_multiple: int = 128
@@ -287,7 +289,7 @@ def _zeros(axes):
 
 
 class Norm(nn.Module):
-    """RMSNorm (llama) or LayerNorm (gpt2), computed in float32."""
+    """RMSNorm (llama) or LayerNorm (gpt2) over the last axis (a head's features for `qk_norm`), in float32."""
 
     config: LMConfig
 
@@ -387,13 +389,15 @@ class Attention(nn.Module):
         mask: bool [B, T, S] of the keys each query sees, or None for cuDNN's causal attention (`cudnn_can_serve`)."""
         cfg = self.config
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.attention_bias or cfg.family == "gpt2"
+        bias = cfg.attention_bias or cfg.qkv_bias or cfg.family == "gpt2"
         dense = lambda feats, axes, bias_axes, name: nn.DenseGeneral(  # noqa: E731
             feats, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
             dot_general=accumulating_dot_general, kernel_init=_init(cfg.init_std, axes), bias_init=_zeros(bias_axes))
         q = dense((h, hd), ("embed", "heads", "head_dim"), ("heads", "head_dim"), "q_proj")(x)
         k = dense((kvh, hd), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), "k_proj")(x)
         v = dense((kvh, hd), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), "v_proj")(x)
+        if cfg.qk_norm:
+            q, k = Norm(cfg, name="q_norm")(q), Norm(cfg, name="k_norm")(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if mask is None:

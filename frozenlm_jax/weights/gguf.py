@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp): config, dequantised tensors renamed to HF names, and the tokenizer.
 
-llama.cpp stores the Q and K projection rows permuted for its interleaved RoPE; `GGUFSource` undoes that
-so the tensors match HF's rotate-half layout.
+For `llama` llama.cpp stores the Q and K projection rows permuted for its interleaved RoPE; `GGUFSource`
+undoes that so the tensors match HF's rotate-half layout. `qwen2` and `qwen3` use NEOX (rotate-half) RoPE,
+so their rows are stored as HF has them.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from frozenlm_jax.weights.params import CheckpointError
 from frozenlm_jax.tokenizer import Tokenizer, byte_level_bpe
 from frozenlm_jax.models.lm import LMConfig, RopeScaling
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-CONTROL_TOKEN = 3  # tokenizer.ggml.token_type of special tokens
+CONTROL_TOKEN, USER_DEFINED_TOKEN = 3, 4  # tokenizer.ggml.token_type: special, added (`<think>`)
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -33,6 +34,11 @@ _LAYER_NAMES = {
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -70,6 +76,7 @@ class GGUFSource:
 
     def __init__(self, reader: gguf.GGUFReader, config: LMConfig, path: Path):
         self._path, self._config = path, config
+        self._permuted = _field(reader, "general.architecture") == "llama"
         self._tensors = {_hf_name(t.name): t for t in reader.tensors}
         for t in reader.tensors:
             if t.tensor_type.name not in SUPPORTED_TYPES:
@@ -89,6 +96,8 @@ class GGUFSource:
             w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(self.shape(name))
         except (ValueError, IndexError) as e:
             raise CheckpointError(f"{self._path}: tensor {t.name!r} cannot be decoded ({e}); corrupt file?") from e
+        if not self._permuted:
+            return w
         if name.endswith("q_proj.weight"):
             w = unpermute_rope_rows(w, self._config.num_heads)
         elif name.endswith("k_proj.weight"):
@@ -97,7 +106,7 @@ class GGUFSource:
 
 
 def config_from_gguf(reader: gguf.GGUFReader, path: Path, **overrides) -> LMConfig:
-    """An LMConfig from the file's `llama.*` metadata."""
+    """An LMConfig from the file's `<architecture>.*` metadata."""
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(
@@ -123,7 +132,7 @@ def config_from_gguf(reader: gguf.GGUFReader, path: Path, **overrides) -> LMConf
         max_position_embeddings=int(get("context_length", 2048)),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
-        tie_word_embeddings="output.weight" not in names)
+        qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", tie_word_embeddings="output.weight" not in names)
     return LMConfig(**{**fields, **overrides})
 
 
@@ -138,7 +147,9 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader, path: Path) -> Tokenizer:
     types = _field(reader, "tokenizer.ggml.token_type") or [0] * len(tokens)
     alphabet = set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
     special = [t for t, kind in zip(tokens, types) if kind == CONTROL_TOKEN and set(t) <= alphabet]
-    backend = byte_level_bpe(tokens, _field(reader, "tokenizer.ggml.merges"), special)
+    added = [t for t, kind in zip(tokens, types) if kind == USER_DEFINED_TOKEN]
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    backend = byte_level_bpe(tokens, _field(reader, "tokenizer.ggml.merges"), special, added, pre=pre)
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:

@@ -14,7 +14,7 @@ from frozenlm_jax.weights.params import CheckpointError
 from frozenlm_jax.tokenizer import Tokenizer
 from frozenlm_jax.models.lm import LMConfig, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 
@@ -86,6 +86,28 @@ def _rope_settings(cfg: dict) -> tuple[float, RopeScaling | None]:
     return theta, RopeScaling(rope_type, float(scaling["factor"]), **{k: scaling[k] for k in keys if k in scaling})
 
 
+def _sliding_window(cfg: dict, model_type: str) -> int | None:
+    """The attention window of every layer, or None for full attention. Qwen2/Qwen3 slide only with
+    `use_sliding_window`, on the layers `layer_types` names (default: those from `max_window_layers` on)."""
+    if model_type == "mistral":
+        return cfg.get("sliding_window")
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    if model_type not in ("qwen2", "qwen3") or window is None:
+        return None
+    layers, first = cfg["num_hidden_layers"], cfg.get("max_window_layers", 28)
+    types = cfg.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    if not sliding:
+        return None
+    if len(sliding) < layers:
+        raise CheckpointError(
+            f"config.json sets use_sliding_window=true with a window of {window} on layers {sliding} only "
+            f"(max_window_layers={first}, of num_hidden_layers={layers}); a window on some layers but not others "
+            "is not supported. For inputs of at most sliding_window tokens the window changes nothing: set "
+            '"use_sliding_window": false in config.json to load it for those.')
+    return window
+
+
 def config_from_hf(cfg: dict, **overrides) -> LMConfig:
     """An LMConfig from a transformers config.json dict."""
     model_type = cfg.get("model_type")
@@ -115,8 +137,10 @@ def config_from_hf(cfg: dict, **overrides) -> LMConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             norm_eps=cfg.get("rms_norm_eps", 1e-6), activation=cfg.get("hidden_act", "silu"),
             rope_theta=theta, rope_scaling=scaling,
-            sliding_window=cfg.get("sliding_window") if model_type == "mistral" else None,
-            attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=_sliding_window(cfg, model_type),
+            # Qwen2 has biases on q, k and v (not o) whatever the config says; Qwen3 normalises q and k heads.
+            attention_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+            qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", mlp_bias=bool(cfg.get("mlp_bias", False)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
     try:
         return LMConfig(**{**fields, **overrides})

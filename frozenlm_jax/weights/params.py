@@ -69,6 +69,8 @@ def _llama_table(c: LMConfig) -> dict[str, Entry]:
         "layers_{i}/attn/k_proj/bias": (layer + "self_attn.k_proj.bias", (k * hd,), lambda w: w.reshape(k, hd)),
         "layers_{i}/attn/v_proj/bias": (layer + "self_attn.v_proj.bias", (k * hd,), lambda w: w.reshape(k, hd)),
         "layers_{i}/attn/o_proj/bias": (layer + "self_attn.o_proj.bias", (d,), same),
+        "layers_{i}/attn/q_norm/scale": (layer + "self_attn.q_norm.weight", (hd,), same),
+        "layers_{i}/attn/k_norm/scale": (layer + "self_attn.k_norm.weight", (hd,), same),
         "layers_{i}/mlp/gate_proj/kernel": (layer + "mlp.gate_proj.weight", (f, d), lambda w: w.T),
         "layers_{i}/mlp/up_proj/kernel": (layer + "mlp.up_proj.weight", (f, d), lambda w: w.T),
         "layers_{i}/mlp/down_proj/kernel": (layer + "mlp.down_proj.weight", (d, f), lambda w: w.T),
