@@ -214,25 +214,40 @@ def test_every_config_file_builds_with_known_keys():
         assert config.train.batch_size % (config.mesh.data if config.mesh.data > 0 else 1) == 0, path.name
 
 
-def test_two_processes_reach_the_losses_of_one(tiny_run, tiny_data_dir, tmp_path):
-    """jax.distributed on localhost, 4 CPU devices per process, the same global batch: the same losses as
-    one process with 8 devices (the tiny config orders data globally, host_order="interleave")."""
+def test_two_processes_survive_a_sigterm_on_one_and_reach_the_losses_of_one(tiny_run, tiny_data_dir, tmp_path):
+    """jax.distributed on localhost, 4 CPU devices per process, the same global batch. SIGTERM to process 1 alone:
+    both save the same step and exit cleanly (JAX's preemption service, no per-step collective); rerun, they
+    finish with the losses of one process with 8 devices (the tiny config orders data globally)."""
     import socket
 
     expected, _ = read_metrics(tiny_run[0])
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "frozenlm_jax.train", f"--config={CONFIGS / 'tiny.py'}",
-               f"--workdir={tmp_path}", f"--config.data.data_dir={tiny_data_dir}"]
-    processes = []
-    for process_id in range(2):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags_for_child(4),
-                   FROZENLM_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                   FROZENLM_NUM_PROCESSES="2", FROZENLM_PROCESS_ID=str(process_id))
-        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                          text=True))
-    for process in processes:
+
+    def launch():
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-m", "frozenlm_jax.train", f"--config={CONFIGS / 'tiny.py'}",
+                   f"--workdir={tmp_path}", f"--config.data.data_dir={tiny_data_dir}"]
+        processes = []
+        for process_id in range(2):
+            env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags_for_child(4),
+                       FROZENLM_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                       FROZENLM_NUM_PROCESSES="2", FROZENLM_PROCESS_ID=str(process_id))
+            processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                              text=True))
+        return processes
+
+    processes = launch()
+    deadline = time.time() + 300
+    while not (tmp_path / "metrics.jsonl").exists() or max(read_metrics(tmp_path)[0], default=0) < 2:
+        assert time.time() < deadline and processes[0].poll() is None, processes[0].communicate()[1][-3000:]
+        time.sleep(0.1)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[1][1][-3000:]
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] < 12 and "preempted (SIGTERM): saved step" in outputs[0][1] + outputs[0][0]
+    for process in launch():
         assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
     got, _ = read_metrics(tmp_path)
     assert sorted(got) == sorted(expected)

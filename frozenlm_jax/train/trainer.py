@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from frozenlm_jax.build import build_lm, build_model
@@ -238,8 +239,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     logger = Logger(workdir)
     if run.restore_s is not None:
         logger.write(step, {"checkpoint_restore_s": run.restore_s})
+    # One process: SIGTERM sets `stop`. Several: JAX's preemption service takes SIGTERM (a handler here would
+    # replace its own) and agrees in the background on a step at which every process saves and stops.
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    several = jax.process_count() > 1
+    previous = None if several else signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     eval_loss = _make_eval(model, trainer)
     last_metrics: dict = {}
     start_step, tic = step, time.perf_counter()
@@ -258,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             if step == profile_stop and profile_stop > profile_start:
                 jax.profiler.stop_trace()
             log_now = step % config.train.log_every == 0 or step == config.train.num_steps
-            if log_now or stop["signal"] is not None:
+            if log_now:
                 metrics = jax.device_get(metrics)
                 _check_finite(metrics, step, checkpointer, workdir)
                 loss = float(metrics["loss"])
@@ -270,11 +274,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 logger.write(step, last_metrics)
                 progress.set_postfix(loss=f"{loss:.3f}", ex_s=f"{last_metrics['examples_per_s']:.1f}")
             progress.update(1)
-            if jax.process_count() > 1:  # every host stops (and saves) at the same step
-                from jax.experimental import multihost_utils
-
-                signals = multihost_utils.process_allgather(np.int32(stop["signal"] or 0))
-                stop["signal"] = int(np.max(signals)) or None
+            if several and multihost_utils.reached_preemption_sync_point(step):  # no collective on other steps
+                stop["signal"] = signal.SIGTERM
             val_loss = None
             if step % config.train.eval_every == 0 or step == config.train.num_steps:
                 val_loss = eval_loss(state.params, frozen, eval_data, config.train.eval_batches)
@@ -290,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 checkpointer.save(step, state, rng, _all_data_states(train_data), val_loss)
                 logger.write(step, {"checkpoint_save_s": time.perf_counter() - start})  # blocking part
             if stop["signal"] is not None:
-                progress.write(f"received signal {stop['signal']}: saved step {step} and stopping")
+                progress.write(f"preempted (SIGTERM): saved step {step} and stopping")
                 break
     finally:
         progress.close()
@@ -298,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         checkpointer.close()
         train_data.close()
         eval_data.close()
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return last_metrics
 
 
@@ -307,8 +309,6 @@ def _all_data_states(pipeline) -> list[dict]:
     state = pipeline.get_state()
     if jax.process_count() == 1:
         return [state]
-    from jax.experimental import multihost_utils
-
     keys = sorted(state)
     gathered = multihost_utils.process_allgather(np.asarray([state[k] for k in keys], np.int64))
     return [dict(zip(keys, map(int, row))) for row in np.asarray(gathered)]
