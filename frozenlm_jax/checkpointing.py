@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
+
+from frozenlm_jax import paths
 
 
 CHECKSUMS = "checksums.process_{}.json"
@@ -30,9 +31,9 @@ class CheckpointDamaged(OSError):
     """A checkpoint's files differ from the checksums recorded when it was saved."""
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: epath.Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -58,9 +59,12 @@ def fingerprint(frozen_params, source: str) -> str:
 class Checkpointer:
     """Saves and restores a run's checkpoints under `directory`."""
 
-    def __init__(self, directory: str | Path, keep: int, frozen_source: str, frozen_fingerprint: str | None,
+    def __init__(self, directory, keep: int, frozen_source: str, frozen_fingerprint: str | None,
                  create: bool = True):
-        """create=False: only read what is there (e.g. to load a trained model)."""
+        """directory: local or gs:// (`paths.path`). create=False: only read what is there (e.g. to load a trained
+        model)."""
+        directory = paths.path(directory)
+        paths.preflight(directory)
         self.frozen = {"source": frozen_source, "fingerprint": frozen_fingerprint}
         policy = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
@@ -68,7 +72,7 @@ class Checkpointer:
                            keep_checkpoints_without_metrics=False),
         ])
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
+            directory if paths.is_remote(directory) else directory.absolute(),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
             # best_fn makes orbax write each step's metrics to disk, so a resumed run (and `best_step`)
             # still knows which kept checkpoint is best; retention follows `policy` alone.
@@ -80,8 +84,8 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def step_dir(self, step: int) -> Path:
-        return Path(self.manager.directory) / str(step)
+    def step_dir(self, step: int) -> epath.Path:
+        return paths.path(self.manager.directory) / str(step)
 
     def _record_checksums(self) -> None:
         """Once the last save is on disk, write the checksums of this process's files of that step."""
@@ -90,19 +94,21 @@ class Checkpointer:
         self.manager.wait_until_finished()
         directory, process = self.step_dir(self._unrecorded), jax.process_index()
         self._unrecorded = None
+        paths.refresh(directory)  # tensorstore wrote the step's arrays, not gcsfs
         if not directory.is_dir():  # removed by the retention policy
             return
         files = {}
-        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        for path in paths.files_under(directory):
             relative = path.relative_to(directory).as_posix()
             if not path.name.startswith("checksums.") and _written_by(relative, process):
-                files[relative] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+                files[relative] = {"bytes": path.stat().length, "sha256": _sha256(path)}
         write_json(directory / CHECKSUMS.format(process), files)
 
     def verify(self, step: int) -> bool:
         """Check `step`'s files against their recorded checksums: True if they match, False if the step has none
         (saved by an older version); raises CheckpointDamaged naming the step and the first bad file."""
         directory = self.step_dir(step)
+        paths.refresh(directory)
         records = sorted(directory.glob(CHECKSUMS.format("*")))
         for record in records:
             for relative, expected in json.loads(record.read_text()).items():
@@ -110,8 +116,8 @@ class Checkpointer:
                 problem = None
                 if not path.is_file():
                     problem = "is missing"
-                elif path.stat().st_size != expected["bytes"]:
-                    problem = f"has {path.stat().st_size} bytes, {expected['bytes']} were saved"
+                elif path.stat().length != expected["bytes"]:
+                    problem = f"has {path.stat().length} bytes, {expected['bytes']} were saved"
                 elif _sha256(path) != expected["sha256"]:
                     problem = "has other contents than were saved (its SHA-256 differs)"
                 if problem:
@@ -211,9 +217,13 @@ def _check_shapes(saved, target, step):
                 "in this run: the model changed; use a new workdir")
 
 
-def write_json(path: Path, payload) -> None:
-    """Write JSON atomically (process 0's logs and configs)."""
-    path = Path(path)
+def write_json(path, payload) -> None:
+    """Write JSON atomically (process 0's logs and configs): locally through a renamed temporary file; a GCS
+    object is replaced whole by one write."""
+    path = paths.path(path)
+    if paths.is_remote(path):
+        path.write_text(json.dumps(payload, indent=1, default=str))
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=str))
     tmp.replace(path)

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
 import tokenizers
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from etils import epath
+from safetensors.numpy import load, load_file, save, save_file
 
+from frozenlm_jax import paths
 from frozenlm_jax.build import build_lm, build_model
 from frozenlm_jax.checkpointing import Checkpointer, fingerprint
 from frozenlm_jax.config import default_config
@@ -40,14 +41,26 @@ def _flat_numpy(tree) -> dict[str, np.ndarray]:
     return {k: np.asarray(jax.device_get(v)) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
+def _save_safetensors(tensors: dict[str, np.ndarray], path: epath.Path) -> None:
+    if paths.is_remote(path):
+        path.write_bytes(save(tensors))
+    else:
+        save_file(tensors, str(path))
+
+
+def _load_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
+    return load(path.read_bytes()) if paths.is_remote(path) else load_file(str(path))
+
+
 def save_exported(path, model: Frozen, params, tokenizer: Tokenizer, lm_source: str, lm_fingerprint: str,
-                  image_size: int, include_lm_weights: bool) -> Path:
-    """Write `params` (`vision` and `lm`) of `model` to directory `path`."""
-    path = Path(path)
+                  image_size: int, include_lm_weights: bool) -> epath.Path:
+    """Write `params` (`vision` and `lm`) of `model` to directory `path` (local or gs://)."""
+    path = paths.path(path)
+    paths.preflight(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(_flat_numpy(params["vision"]), str(path / "vision.safetensors"))
+    _save_safetensors(_flat_numpy(params["vision"]), path / "vision.safetensors")
     if include_lm_weights:
-        save_file(_flat_numpy(params["lm"]), str(path / "lm.safetensors"))
+        _save_safetensors(_flat_numpy(params["lm"]), path / "lm.safetensors")
     (path / "tokenizer.json").write_text(tokenizer.backend.to_str())
     meta = {
         "format_version": FORMAT_VERSION,
@@ -63,12 +76,14 @@ def save_exported(path, model: Frozen, params, tokenizer: Tokenizer, lm_source: 
 
 
 def load_frozen(path, step: int | str = "best") -> FrozenLM:
-    """Open an exported model (written by `python -m frozenlm_jax.train ... --export=PATH`) or a training workdir.
+    """Open an exported model (written by `python -m frozenlm_jax.train ... --export=PATH`) or a training workdir,
+    local or gs://.
 
     step (workdir only): "best" (the kept checkpoint with the lowest validation loss, else the latest),
     "latest", or a step number.
     """
-    path = Path(path)
+    path = paths.path(path)
+    paths.preflight(path)
     if (path / "frozen.json").exists():
         return _load_exported(path)
     if (path / "config.json").exists() and (path / "checkpoints").is_dir():
@@ -78,7 +93,7 @@ def load_frozen(path, step: int | str = "best") -> FrozenLM:
                             "the directory of its `--export=PATH`")
 
 
-def _load_exported(path: Path) -> FrozenLM:
+def _load_exported(path: epath.Path) -> FrozenLM:
     meta = json.loads((path / "frozen.json").read_text())
     lm_fields = dict(meta["lm"]["config"])
     if lm_fields.get("rope_scaling"):
@@ -86,9 +101,9 @@ def _load_exported(path: Path) -> FrozenLM:
     lm_config = LMConfig(**lm_fields)
     model = Frozen(lm_config, encoder_config_from_dict(meta["vision"]), meta["num_prefix_tokens"], meta["variant"],
                    meta["prefix_init_std"])
-    vision = traverse_util.unflatten_dict(load_file(str(path / "vision.safetensors")), sep="/")
+    vision = traverse_util.unflatten_dict(_load_safetensors(path / "vision.safetensors"), sep="/")
     if meta["lm"]["weights"]:
-        lm_params = traverse_util.unflatten_dict(load_file(str(path / meta["lm"]["weights"])), sep="/")
+        lm_params = traverse_util.unflatten_dict(_load_safetensors(path / meta["lm"]["weights"]), sep="/")
     else:
         lm_params = _reload_lm(meta["lm"], lm_config)
     special = meta["tokenizer"]
@@ -97,7 +112,7 @@ def _load_exported(path: Path) -> FrozenLM:
     return FrozenLM(model, {"vision": vision, "lm": lm_params}, tokenizer, meta["image_size"])
 
 
-def _load_workdir(path: Path, step: int | str) -> FrozenLM:
+def _load_workdir(path: epath.Path, step: int | str) -> FrozenLM:
     """The model of a training workdir: built from its saved config, the trained params restored from its
     checkpoint, the frozen ones loaded (or initialised, as training did) and checked against the checkpoint's
     fingerprint. No optimizer, no compiled step, nothing written."""

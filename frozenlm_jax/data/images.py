@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from frozenlm_jax import paths
+
 IMAGE_MEAN = (0.5, 0.5, 0.5)  # on [0, 1] pixels: images become [-1, 1]
 IMAGE_STD = (0.5, 0.5, 0.5)
 
@@ -20,6 +22,8 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 def decode_image(data: bytes | str | os.PathLike) -> np.ndarray:
     """uint8 [H, W, 3] from PNG/JPEG/GIF/BMP bytes or a file's path; grayscale becomes RGB, alpha is dropped, an
     animation gives its first frame."""
+    if not isinstance(data, bytes) and paths.is_remote(data):
+        data = paths.path(data).read_bytes()
     source = io.BytesIO(data) if isinstance(data, bytes) else os.fspath(data)
     with Image.open(source) as image:
         return np.asarray(image.convert("RGB"))

@@ -4,12 +4,14 @@ paper's: rows = runs and variants, columns = shots) and `accuracy_vs_shots.png`.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import ml_collections
 
+from frozenlm_jax import paths
 from frozenlm_jax.config import default_config
 from frozenlm_jax.eval.suite import Suite, TextOnly, check_settings
 from frozenlm_jax.export import load_frozen
@@ -23,7 +25,7 @@ def run_settings(path) -> ml_collections.ConfigDict:
     """The `eval` section of a run's saved `config.json`, defaults filling what it lacks (all of it for an
     exported model, which keeps no config)."""
     settings = default_config().eval
-    saved = Path(path) / "config.json"
+    saved = paths.path(path) / "config.json"
     if saved.exists():
         section = json.loads(saved.read_text()).get("eval", {})
         try:  # JSON's lists become the config's tuples
@@ -36,8 +38,14 @@ def run_settings(path) -> ml_collections.ConfigDict:
 
 def row_names(workdirs: Sequence) -> list[str]:
     """Each workdir's folder name, or its path as given where two names clash."""
-    names = [Path(w).resolve().name for w in workdirs]
+    names = [_key(w).name for w in workdirs]
     return [str(w) if names.count(n) > 1 else n for n, w in zip(names, workdirs)]
+
+
+def _key(path):
+    """A run's path as one key: a local one resolved (symlinks, `..`), a gs:// one as given."""
+    path = paths.path(path)
+    return path if paths.is_remote(path) else paths.path(os.path.realpath(path))  # epath's resolve keeps links
 
 
 def evaluate_runs(workdirs: Sequence = (), tasks: str | Sequence[str] | None = None, out=None, lm_only=None,
@@ -56,8 +64,11 @@ def evaluate_runs(workdirs: Sequence = (), tasks: str | Sequence[str] | None = N
         if len(sources) != 1:
             raise ValueError(f"{', '.join(str(p) for _, p, _ in sources)} share one report: pass out=DIR (--out) "
                              "for it (the default, WORKDIR/eval, is for a single workdir)")
-        out = Path(sources[0][1]) / "eval"
-    missing = [str(path) for _, path, _ in sources if not Path(path).is_dir()]
+        out = paths.path(sources[0][1]) / "eval"
+    for _, path, _ in sources:
+        paths.preflight(path)
+    paths.preflight(out)
+    missing = [str(path) for _, path, _ in sources if not paths.path(path).is_dir()]
     if missing:
         raise FileNotFoundError(f"no such run directory: {', '.join(missing)}; pass training workdirs or exported "
                                 "model directories")
@@ -68,7 +79,7 @@ def evaluate_runs(workdirs: Sequence = (), tasks: str | Sequence[str] | None = N
         check_settings(tasks or s.tasks, s)
     suites: dict = {}
     rows = []
-    keys = [Path(path).resolve() for _, path, _ in sources]
+    keys = [_key(path) for _, path, _ in sources]
     loaded: dict = {}  # a model kept while a later row needs it too (lm_only of an evaluated run)
     for i, ((name, path, kind), s) in enumerate(zip(sources, settings)):
         print(f"evaluating {name} ({path})")
@@ -98,9 +109,10 @@ def evaluate_runs(workdirs: Sequence = (), tasks: str | Sequence[str] | None = N
     return report
 
 
-def write_report(report: dict, out) -> list[Path]:
-    """`results.json`, `results.md` and (if any column has shots) the plot in directory `out`; their paths."""
-    out = Path(out)
+def write_report(report: dict, out) -> list:
+    """`results.json`, `results.md` and (if any column has shots) the plot in directory `out` (local or gs://);
+    their paths."""
+    out = paths.path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_JSON).write_text(json.dumps(report, indent=1))
     (out / RESULTS_MD).write_text(markdown(report))
@@ -168,4 +180,6 @@ def plot(report: dict, path) -> None:
         ax.axis("off")
     axes[0].legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=120)
+    paths.path(path).write_bytes(png.getvalue())

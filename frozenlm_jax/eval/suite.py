@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
+from frozenlm_jax import paths
 from frozenlm_jax.data import eval_files
 from frozenlm_jax.data.batch import TextLayout
 from frozenlm_jax.decode import generate
@@ -185,7 +186,8 @@ class Suite:
 
     def _real_vqa(self, task: str):
         s = self.settings
-        directory = pathlib.Path(s.data_dir) / task
+        directory = paths.path(s.data_dir) / task  # local or gs://
+        paths.preflight(directory)
 
         def split(name: str, pattern: str):
             questions, annotations = (directory / f.format(split=name) for f in REAL_VQA[task])

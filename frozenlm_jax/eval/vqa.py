@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import pathlib
+import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from frozenlm_jax import paths
 from frozenlm_jax.data.eval_files import load_image
 
 # Image file names, formatted with the question's `image_id`.
@@ -132,7 +133,7 @@ class VQAQuestion:
     answer: str
     answer_type: str
     question_type: str
-    image_path: pathlib.Path
+    image_path: os.PathLike  # an epath.Path: local or gs://
 
 
 def load_vqa(questions_file, annotations_file, image_dir, image_pattern: str = SHAPES_IMAGES) -> list[VQAQuestion]:
@@ -141,8 +142,8 @@ def load_vqa(questions_file, annotations_file, image_dir, image_pattern: str = S
     `image_pattern` names each image file in `image_dir` from its `image_id`: `SHAPES_IMAGES` for
     `eval_files.write_vqa`, `COCO_VAL2014` / `COCO_TRAIN2014` for VQAv2 and OKVQA.
     """
-    questions = json.loads(pathlib.Path(questions_file).read_text())["questions"]
-    annotations_json = json.loads(pathlib.Path(annotations_file).read_text())
+    questions = json.loads(paths.path(questions_file).read_text())["questions"]
+    annotations_json = json.loads(paths.path(annotations_file).read_text())
     if "annotations" not in annotations_json:
         raise ValueError(f"{annotations_file} has no 'annotations' list; pass the official annotations file")
     annotations = {a["question_id"]: a for a in annotations_json["annotations"]}
@@ -158,7 +159,7 @@ def load_vqa(questions_file, annotations_file, image_dir, image_pattern: str = S
             question_id=q["question_id"], image_id=q["image_id"], question=q["question"], answers=answers,
             answer=a.get("multiple_choice_answer") or Counter(answers).most_common(1)[0][0],
             answer_type=a.get("answer_type", "unknown"), question_type=a.get("question_type", "unknown"),
-            image_path=pathlib.Path(image_dir) / image_pattern.format(image_id=q["image_id"]),
+            image_path=paths.path(image_dir) / image_pattern.format(image_id=q["image_id"]),
         ))
     return out
 
@@ -205,7 +206,7 @@ def vqa_prompt(question: VQAQuestion, examples: Sequence[VQAQuestion], image_siz
     return items + [_image(question.image_path, image_size, blind), f"Question: {question.question} Answer:"]
 
 
-def _image(path: pathlib.Path, image_size: int, blind: bool) -> np.ndarray:
+def _image(path: os.PathLike, image_size: int, blind: bool) -> np.ndarray:
     if blind:
         return np.zeros((image_size, image_size, 3), np.float32)
     if not path.exists():

@@ -11,9 +11,10 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
+import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from frozenlm_jax import paths
 from frozenlm_jax.build import build_lm, build_model
 from frozenlm_jax.checkpointing import CheckpointDamaged, Checkpointer, fingerprint, write_json
 from frozenlm_jax.config import validate_config
@@ -58,26 +60,63 @@ def maybe_initialize_distributed() -> None:
 
 @dataclasses.dataclass
 class Logger:
-    """Metrics to metrics.jsonl and TensorBoard, from process 0 only."""
+    """Metrics to metrics.jsonl and TensorBoard, from process 0 only.
 
-    workdir: Path
+    A local workdir: each write appends to metrics.jsonl. A gs:// workdir (objects cannot be appended to): the
+    lines are kept, the existing file read first, and the whole file rewritten at most every `flush_s` seconds
+    and on `close`; TensorBoard writes to a local temporary folder that is uploaded to WORKDIR/tensorboard then.
+    """
+
+    workdir: Any
+    flush_s: float = 30.0
 
     def __post_init__(self):
         self.enabled = jax.process_index() == 0
+        self.workdir = paths.path(self.workdir)
+        self.remote = paths.is_remote(self.workdir)
         if self.enabled:
             from flax.metrics import tensorboard
 
-            self.tensorboard = tensorboard.SummaryWriter(str(self.workdir / "tensorboard"))
+            self.metrics_file = self.workdir / "metrics.jsonl"
+            self.lines = []
+            if self.remote and self.metrics_file.exists():
+                self.lines = self.metrics_file.read_text().splitlines(keepends=True)
+            self.local_events = tempfile.mkdtemp(prefix="frozenlm_tensorboard_") if self.remote else None
+            self.tensorboard = tensorboard.SummaryWriter(self.local_events or str(self.workdir / "tensorboard"))
+            self.flushed = time.monotonic()
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        with open(self.workdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self.remote:
+            self.lines.append(line)
+        else:
+            with self.metrics_file.open("a") as f:
+                f.write(line)
         for key, value in metrics.items():
             if isinstance(value, (int, float)):
                 self.tensorboard.scalar(key, value, step)
         self.tensorboard.flush()
+        if self.remote and time.monotonic() - self.flushed >= self.flush_s:
+            self.upload()
+
+    def upload(self) -> None:
+        """A gs:// workdir: metrics.jsonl rewritten whole, the TensorBoard events copied up."""
+        if not (self.enabled and self.remote):
+            return
+        self.metrics_file.write_text("".join(self.lines))
+        paths.upload_tree(self.local_events, self.workdir / "tensorboard")
+        self.flushed = time.monotonic()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.tensorboard.close()
+        self.upload()
+        if self.local_events:
+            shutil.rmtree(self.local_events, ignore_errors=True)
+            self.local_events = None
 
 
 def _pipelines(config, tokenizer, data_state):
@@ -113,7 +152,7 @@ class Run:
     restore_s: float | None  # seconds spent restoring a checkpoint, if one was restored
 
 
-def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, step: int | str | None = None) -> Run:
+def restore_run(config: ml_collections.ConfigDict, workdir, step: int | str | None = None) -> Run:
     """Build the model and step of `config`; resume from `workdir`'s latest checkpoint, else
     `train.init_checkpoint`, else a fresh initialisation.
 
@@ -121,8 +160,9 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, step: in
     validation loss (the latest if none has one).
     """
     validate_config(config)
+    workdir = paths.path(workdir)
+    paths.preflight(workdir)  # a gs:// workdir whose endpoint is unreachable fails here, in seconds
     maybe_initialize_distributed()
-    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     rules = tuple(tuple(rule) for rule in config.axis_rules)
     mesh = make_mesh(config.mesh.to_dict())
@@ -193,7 +233,7 @@ def _verified_step(checkpointer: Checkpointer) -> int | None:
     return None
 
 
-def _check_finite(metrics, step: int, checkpointer: Checkpointer, workdir: Path) -> None:
+def _check_finite(metrics, step: int, checkpointer: Checkpointer, workdir) -> None:
     """Raise, naming the newest verified checkpoint, if the loss or the gradient norm is not finite (then the
     state that step produced must never be saved)."""
     loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
@@ -209,8 +249,9 @@ def _check_finite(metrics, step: int, checkpointer: Checkpointer, workdir: Path)
         "that checkpoint")
 
 
-def export(config: ml_collections.ConfigDict, workdir: str | Path, out: str | Path, lm_weights: bool = False) -> Path:
+def export(config: ml_collections.ConfigDict, workdir, out, lm_weights: bool = False):
     """Write the latest checkpoint of `workdir` as a self-contained model that `load_frozen` opens."""
+    paths.preflight(out)
     run = restore_run(config, workdir)
     trained = run.checkpointer.latest_step() is not None
     run.checkpointer.close()
@@ -224,10 +265,11 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path, out: str | Pa
                          include_lm_weights=include_lm)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Train `config` in `workdir` (resuming if it holds checkpoints); return the last logged metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+    """Train `config` in `workdir` (local or gs://; resuming if it holds checkpoints); return the last logged
+    metrics."""
     run = restore_run(config, workdir)
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     if jax.process_index() == 0:
         write_json(workdir / "config.json", config.to_dict())
     model, trainer, state, frozen, rng = run.model, run.trainer, run.state, run.frozen, run.rng
@@ -249,10 +291,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start_step, tic = step, time.perf_counter()
     profile_start, profile_stop = config.train.profile_steps
     progress = tqdm(total=config.train.num_steps, initial=step, desc="train", unit="step", disable=jax.process_index() != 0)
+    profile_dir = None
     try:
         while step < config.train.num_steps:
             if step == profile_start and profile_stop > profile_start:
-                jax.profiler.start_trace(str(workdir / "profile"))
+                profile_dir = tempfile.mkdtemp(prefix="frozenlm_profile_") if paths.is_remote(workdir) else None
+                jax.profiler.start_trace(profile_dir or str(workdir / "profile"))
             host_batch = next(train_data)
             if step == start_step:
                 check_batch(host_batch, n)
@@ -261,6 +305,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             step += 1
             if step == profile_stop and profile_stop > profile_start:
                 jax.profiler.stop_trace()
+                if profile_dir:  # the profiler writes locally; a gs:// workdir gets a copy
+                    paths.upload_tree(profile_dir, workdir / "profile")
+                    shutil.rmtree(profile_dir, ignore_errors=True)
             log_now = step % config.train.log_every == 0 or step == config.train.num_steps
             if log_now:
                 metrics = jax.device_get(metrics)
@@ -290,6 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 start = time.perf_counter()
                 checkpointer.save(step, state, rng, _all_data_states(train_data), val_loss)
                 logger.write(step, {"checkpoint_save_s": time.perf_counter() - start})  # blocking part
+                logger.upload()  # a gs:// workdir's metrics as new as its latest checkpoint
             if stop["signal"] is not None:
                 progress.write(f"preempted (SIGTERM): saved step {step} and stopping")
                 break
@@ -297,6 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         progress.close()
         checkpointer.wait()
         checkpointer.close()
+        logger.close()
         train_data.close()
         eval_data.close()
         if previous is not None:

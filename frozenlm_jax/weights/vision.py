@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load as load_safetensors
 
+from frozenlm_jax import paths
 from frozenlm_jax.weights.params import CheckpointError
 
 LAYOUTS = ("timm", "hf")
@@ -144,13 +145,17 @@ def detect_layout(names) -> str:
 
 def read_tensors(path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file, an HF classifier's `vit.` prefix removed."""
-    path = Path(path).expanduser()
+    path = paths.path(path)
+    paths.preflight(path)
     if not path.is_file():
-        raise CheckpointError(f"no such safetensors file: {str(path)!r}; set vision.init to a local .safetensors "
-                              "file of a timm or HF ViTModel checkpoint")
+        raise CheckpointError(f"no such safetensors file: {str(path)!r}; set vision.init to a .safetensors file "
+                              "(local or gs://) of a timm or HF ViTModel checkpoint")
     try:
-        with safe_open(str(path), framework="np") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if paths.is_remote(path):
+            tensors = load_safetensors(path.read_bytes())
+        else:
+            with safe_open(str(path), framework="np") as f:
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
     if any(name.startswith("vit.") for name in tensors):
