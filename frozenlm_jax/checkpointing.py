@@ -124,14 +124,15 @@ class Checkpointer:
                     raise CheckpointDamaged(f"checkpoint step {step} is damaged: {path} {problem}")
         return bool(records)
 
-    def newest_intact_step(self, before: int | None = None) -> int | None:
-        """The newest kept step (older than `before`, if given) whose files verify, or that has no checksums."""
+    def newest_intact_step(self, before: int | None = None, verified_only: bool = False) -> int | None:
+        """The newest kept step (older than `before`, if given) whose files verify, or that has no checksums
+        (unless `verified_only`)."""
         for step in sorted(self.all_steps(), reverse=True):
             if before is not None and step >= before:
                 continue
             try:
-                self.verify(step)
-                return step
+                if self.verify(step) or not verified_only:
+                    return step
             except CheckpointDamaged:
                 continue
         return None

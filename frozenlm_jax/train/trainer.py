@@ -222,17 +222,6 @@ def _intact_resume_step(checkpointer: Checkpointer) -> int:
         return fallback
 
 
-def _verified_step(checkpointer: Checkpointer) -> int | None:
-    """The newest kept step whose recorded checksums match its files."""
-    for step in sorted(checkpointer.all_steps(), reverse=True):
-        try:
-            if checkpointer.verify(step):
-                return step
-        except CheckpointDamaged:
-            continue
-    return None
-
-
 def _check_finite(metrics, step: int, checkpointer: Checkpointer, workdir) -> None:
     """Raise, naming the newest verified checkpoint, if the loss or the gradient norm is not finite (then the
     state that step produced must never be saved)."""
@@ -240,7 +229,7 @@ def _check_finite(metrics, step: int, checkpointer: Checkpointer, workdir) -> No
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
     checkpointer.wait()
-    good = _verified_step(checkpointer)
+    good = checkpointer.newest_intact_step(verified_only=True)
     where = (f"the newest verified checkpoint is step {good} in {workdir / 'checkpoints'}" if good is not None
              else "no verified checkpoint exists yet")
     raise FloatingPointError(
