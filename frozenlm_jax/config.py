@@ -71,14 +71,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 100
     c.train.eval_batches = 4
     c.train.num_samples = 4  # greedy sample captions logged at each eval
-    c.train.caption_eval_images = 64  # frozen_shapes only: held-out images whose captions' words are scored
+    c.train.eval_tasks = "shapes_captions"  # evaluators run every eval_every steps (eval.* settings), "" for none
+    c.train.eval_examples = 64  # their eval.num_examples in the loop: a few dozen keeps training fast
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 2  # the latest N, plus the best by validation loss
     c.train.init_checkpoint = ""  # a checkpoint dir to start from when this workdir has none
     c.train.profile_steps = (0, 0)  # [start, stop): jax.profiler trace into WORKDIR/profile
 
-    c.eval = ml_collections.ConfigDict()  # `python -m frozenlm_jax.evaluate`
-    c.eval.tasks = "shapes_captions,shapes_vqa,fast_binding"  # comma-separated, of frozenlm_jax.eval.suite.TASKS
+    c.eval = ml_collections.ConfigDict()  # `python -m frozenlm_jax.evaluate` (and the trainer's train.eval_tasks)
+    c.eval.tasks = "shapes_captions,shapes_vqa,fast_binding,real_name"  # of frozenlm_jax.eval.suite.TASKS
     c.eval.num_examples = 200  # per task and shot count: questions, episodes or captioned images (0: a whole file)
     c.eval.vqa_shots = (0, 1, 4)
     c.eval.episode_ways = (2, 5)
@@ -87,6 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.blind_baseline = True  # also a "<run> (blind)" row: the same prompts with every image blanked
     c.eval.data_dir = ""  # holds vqav2/ and okvqa/ (official files, see docs/evaluation.md); shapes tasks need none
     c.eval.batch_size = 16
+    c.eval.caption_tokens = 16  # longest generated caption (shapes_captions)
     c.eval.seed = 0
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

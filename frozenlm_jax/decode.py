@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frozenlm_jax.models.lm import DecoderLM, LMConfig, init_cache
-from frozenlm_jax.parallel import known_cpu_options
+from frozenlm_jax.parallel import known_cpu_options, to_host
 
 LENGTH_BUCKET = 16
 METHODS = ("greedy", "beam", "sample")
@@ -292,10 +292,10 @@ def generate_from_embeddings(config: LMConfig, params, embeds, mask, max_new_tok
         key, jnp.float32(temperature), jnp.float32(top_p), jnp.float32(length_penalty), config=config,
         method=method, max_new_tokens=max_new_tokens, num_beams=num_beams if method == "beam" else 1,
         top_k=top_k if method == "sample" else 0, return_logits=return_logits)
-    out, lengths, stopped = np.asarray(out), np.asarray(lengths), np.asarray(stopped)
+    out, lengths, stopped = to_host(out), to_host(lengths), to_host(stopped)
     tokens = [row[: n - s].tolist() for row, n, s in zip(out, lengths, stopped)]
     stop_tokens = [int(row[n - 1]) if s else None for row, n, s in zip(out, lengths, stopped)]
-    return Generation(tokens, stop_tokens, np.asarray(logprobs), None if seen is None else np.asarray(seen))
+    return Generation(tokens, stop_tokens, to_host(logprobs), None if seen is None else to_host(seen))
 
 
 def generate(model: DecoderLM, params, prompts: list[list[int]], max_new_tokens: int, **options) -> Generation:

@@ -18,11 +18,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from frozenlm_jax.data.batch import TextLayout, stack
 from frozenlm_jax.data.images import IMAGE_MEAN, IMAGE_STD, decode_image, preprocess_image
 from frozenlm_jax.decode import bucket_length, generate_from_embeddings
 from frozenlm_jax.models.frozen import Frozen
+from frozenlm_jax.parallel import to_host
 from frozenlm_jax.tokenizer import Tokenizer
 
 ANSWER_BUCKET = 8
@@ -72,6 +74,24 @@ class FrozenLM:
         # Host arrays (as loaded from safetensors) go to the device once, not at every call.
         self.params = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, self.params)
         self._stop_ids: dict[str, tuple[int, ...]] = {}
+        # Params spread over several processes (a multi-host trainer's): every process passes the same prompts
+        # and places its own rows of the inputs on its devices.
+        self._spread_mesh = next((leaf.sharding.mesh for leaf in jax.tree.leaves(self.params)
+                                  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable), None)
+
+    def _rows(self, prompts: list) -> list:
+        """`prompts`, with copies of the first added up to a multiple of the devices when params are spread."""
+        if self._spread_mesh is None:
+            return prompts
+        return prompts + [prompts[0]] * (-len(prompts) % self._spread_mesh.size)
+
+    def _place(self, inputs: dict):
+        """Inputs as the model takes them: when params are spread, global arrays split by rows over every device,
+        each process filling its own rows."""
+        if self._spread_mesh is None:
+            return inputs
+        rows = NamedSharding(self._spread_mesh, PartitionSpec(self._spread_mesh.axis_names))
+        return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, rows, lambda index: x[index]), inputs)
 
     def blind(self) -> "FrozenLM":
         """The same model with every image blanked (mid-gray), for blind baselines."""
@@ -136,8 +156,8 @@ class FrozenLM:
         eos = self.tokenizer.eos_id
         string_ids = {i for s in strings for i in self._tokens_containing(s)} - {eos}
         stop_ids = string_ids | {int(s) for s in stop if not isinstance(s, str)}
-        inputs, mask, layout = self._batch(batch)
-        embeds = _embed(self.model, self.params, inputs)
+        inputs, mask, layout = self._batch(self._rows(batch))
+        embeds = _embed(self.model, self.params, self._place(inputs))
         result = generate_from_embeddings(
             self.model.lm_config, self.params["lm"], embeds, mask, max_new_tokens, method=method,
             eos_id=eos, stop_ids=sorted(stop_ids), pad_id=layout.pad_id, num_beams=num_beams,
@@ -147,7 +167,8 @@ class FrozenLM:
             text = self.tokenizer.decode(tokens + ([stopped_by] if stopped_by in string_ids else []))
             cut = min([text.find(s) for s in strings if s in text], default=len(text))
             texts.append(text[:cut])
-        return (texts, result.logprobs) if return_logprobs else texts
+        texts, logprobs = texts[:len(batch)], result.logprobs[:len(batch)]
+        return (texts, logprobs) if return_logprobs else texts
 
     def score(self, prompts, answers, eos: bool = True) -> np.ndarray:
         """Log-likelihood (float32 [B]) of each answer continuing its prompt: the sum over " answer" tokens.
@@ -161,14 +182,15 @@ class FrozenLM:
         else:
             answers = [answers] if isinstance(answers, str) else list(answers)
             prompts = [prompts] * len(answers)
-        inputs, mask, _ = self._batch(prompts, list(answers))
+        count, answers = len(prompts), list(answers)
+        inputs, mask, _ = self._batch(self._rows(prompts), self._rows(answers))
         length = inputs["tokens"].shape[1]
         answer_len = min(bucket_length(int(inputs["loss_mask"].sum(axis=1).max()), ANSWER_BUCKET), length - 1)
         weights = inputs["loss_mask"][:, -answer_len:].copy()
         if not eos:
             weights[:, -1] = False  # every row's answer ends with EOS at the last position
-        logprobs = np.asarray(_target_logprobs(self.model, self.params, inputs, mask, answer_len))
-        return (logprobs * weights).sum(axis=1)
+        logprobs = to_host(_target_logprobs(self.model, self.params, self._place(inputs), mask, answer_len))
+        return (logprobs * weights).sum(axis=1)[:count]
 
     def _tokens_containing(self, text: str) -> tuple[int, ...]:
         """Every token id of the LM's vocabulary whose decoded text contains `text` (cached)."""

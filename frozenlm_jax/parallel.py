@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -102,3 +104,10 @@ def known_cpu_options(options: tuple[tuple[str, str], ...]) -> dict[str, str]:
     except jax.errors.JaxRuntimeError:
         return {}
     return dict(options)
+
+
+def to_host(x) -> np.ndarray:
+    """A jax.Array as NumPy on this process, gathered from the other processes when it spans several."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)

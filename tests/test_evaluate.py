@@ -44,6 +44,9 @@ class Constant:
     def generate(self, prompts, max_new_tokens, stop):
         return [self.text] * len(prompts)
 
+    def blind(self):
+        return self
+
 
 def test_suite_scores_a_constant_answer_at_its_rate_in_the_generated_data(tmp_path):
     settings = tiny_config(tmp_path).eval
@@ -60,16 +63,46 @@ def test_suite_scores_a_constant_answer_at_its_rate_in_the_generated_data(tmp_pa
     assert 0 < expected_vqa < 1 and 0 < expected_binding < 1
     assert suite.evaluate(Constant(common))["scores"] == {
         "shapes_vqa 0-shot": expected_vqa, "shapes_vqa 1-shot": expected_vqa, "fast_binding 2-way 1-shot": 0.0}
-    blind = suite.evaluate(Constant(f"{word}. Q:"), blind=True)
+    blind = suite.evaluate(Constant(f"{word}. Q:"), "blind")
     assert blind["scores"]["fast_binding 2-way 1-shot"] == expected_binding
+    # Chance: VQA's most frequent answer per question type (no worse than one answer for all), 1 / ways.
+    chance = suite.chance()
+    assert chance["fast_binding 2-way 1-shot"] == 0.5
+    assert expected_vqa <= chance["shapes_vqa 0-shot"] == chance["shapes_vqa 1-shot"] < 1
+
+
+def test_text_oracle_replaces_every_image_by_its_scene_text(runs, monkeypatch, tmp_path):
+    """The LM reads the scene's true text where each image stood (shapes VQA and episodes)."""
+    from frozenlm_jax.eval import task
+    from frozenlm_jax.export import load_frozen
+
+    model = load_frozen(runs[0])
+    seen = []
+
+    def recording_generate(lm, params, ids, max_new_tokens, **options):
+        seen.extend(model.tokenizer.decode(i) for i in ids)
+        return generate(lm, params, ids, max_new_tokens, **options)
+
+    generate = task.generate
+    monkeypatch.setattr(task, "generate", recording_generate)
+    settings = tiny_config(tmp_path).eval
+    settings.update(num_examples=3, vqa_shots=(1,))
+    found = Suite("shapes_vqa,fast_binding,shapes_captions", settings, 16).evaluate(model, "text_oracle")["scores"]
+    assert found["shapes_captions colour"] is None and 0 <= found["shapes_vqa 1-shot"] <= 1
+    vqa_prompt, episode_prompt = seen[0], seen[-1]
+    assert vqa_prompt.count(" background Question: ") == 2, vqa_prompt  # the example's image and the query's
+    assert episode_prompt.count(" background This is a ") == 2, episode_prompt
+    assert episode_prompt.endswith("background Q: What is this? A: This is a"), episode_prompt
 
 
 def test_report_of_two_runs_with_blind_rows_and_the_lm_alone(runs, tmp_path):
     first, second = runs
     out = tmp_path / "report"
-    evaluate.main([f"--workdir={first}", f"--workdir={second}", f"--lm_only={first}", f"--out={out}"])
+    evaluate.main([f"--workdir={first}", f"--workdir={second}", f"--lm_only={first}", "--text_oracle",
+                   f"--out={out}"])
     report = json.loads((out / "results.json").read_text())
-    names = ["frozen_a", "frozen_a (blind)", "frozen_b", "frozen_b (blind)", "LM only (no images)"]
+    names = ["frozen_a", "frozen_a (blind)", "frozen_b", "frozen_b (blind)", "LM only (no images)",
+             "text oracle (scene text for images)", "chance"]
     assert [r["name"] for r in report["rows"]] == names
     columns = ["shapes_captions colour", "shapes_captions shape", "shapes_vqa 0-shot", "shapes_vqa 1-shot",
                "fast_binding 2-way 1-shot", "real_name 2-way 1-shot"]
@@ -77,24 +110,29 @@ def test_report_of_two_runs_with_blind_rows_and_the_lm_alone(runs, tmp_path):
     for row in report["rows"]:
         assert list(row["scores"]) == columns
         for column, score in row["scores"].items():
-            if row["kind"] == "lm_only" and column.startswith("shapes_captions"):
+            if row["kind"] in ("lm_only", "text_oracle") and column.startswith("shapes_captions"):
                 assert score is None  # nothing to caption without an image
             else:
                 assert 0.0 <= score <= 1.0, (row["name"], column, score)
+    assert report["rows"][-1]["scores"]["fast_binding 2-way 1-shot"] == 0.5
     assert report["rows"][0]["scores"] == report["rows"][2]["scores"]  # the same run, the same data
     markdown = (out / "results.md").read_text()
     assert "## shapes_vqa\n\n| run | 0-shot | 1-shot |" in markdown
     assert "## fast_binding\n\n| run | 2-way 1-shot |" in markdown
-    assert "| LM only (no images) | n/a | n/a |" in markdown
+    assert "| LM only (no images) | n/a | n/a |" in markdown and "| chance | 50.0 |" in markdown
     assert (out / "accuracy_vs_shots.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_one_workdir_writes_to_its_eval_folder_with_the_tasks_asked(runs):
     first, _ = runs
-    evaluate.main([f"--workdir={first}", "--tasks=shapes_vqa"])
+    evaluate.main([f"--workdir={first}", "--tasks=shapes_vqa,fast_binding", "--num_examples=5", "--shots=0,2",
+                   "--ways=3"])
     report = json.loads((first / "eval" / "results.json").read_text())
-    assert [c["name"] for c in report["columns"]] == ["shapes_vqa 0-shot", "shapes_vqa 1-shot"]
-    assert [r["name"] for r in report["rows"]] == ["frozen_a", "frozen_a (blind)"]
+    assert [c["name"] for c in report["columns"]] == ["shapes_vqa 0-shot", "shapes_vqa 2-shot",
+                                                      "fast_binding 3-way 2-shot"]
+    details = report["rows"][0]["details"]
+    assert details["shapes_vqa 2-shot"]["questions"] == details["fast_binding 3-way 2-shot"]["episodes"] == 5
+    assert [r["name"] for r in report["rows"]] == ["frozen_a", "frozen_a (blind)", "chance"]
     assert (first / "eval" / "accuracy_vs_shots.png").read_bytes().startswith(PNG_MAGIC)
 
 

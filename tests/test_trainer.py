@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config, xla_flags_for_child
 
+from frozenlm_jax import evaluate
 from frozenlm_jax.checkpointing import CheckpointMismatch
 from frozenlm_jax.config import validate_config
 from frozenlm_jax.train.trainer import train_and_evaluate
@@ -29,12 +30,20 @@ def read_metrics(workdir):
     return {m["step"]: m["loss"] for m in lines if "loss" in m}, [m for m in lines if "val_loss" in m]
 
 
-def test_end_to_end_writes_metrics_and_checkpoints_and_learns(tiny_run):
+def test_end_to_end_writes_metrics_and_checkpoints_and_learns(tiny_run, tmp_path):
     workdir, final = tiny_run
     losses, evals = read_metrics(workdir)
     assert sorted(losses) == list(range(1, 13))
     assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)])
     assert [e["step"] for e in evals] == [6, 12] and len(evals[-1]["samples"]) == 2
+    # The in-loop evaluators are evaluate's: the same captions and scores of the step-12 model.
+    report = evaluate.main([f"--workdir={workdir}", "--tasks=shapes_captions", "--num_examples=8", "--step=12",
+                            f"--out={tmp_path / 'report'}"])
+    scores, details = report["rows"][0]["scores"], report["rows"][0]["details"]
+    assert evals[-1]["shapes_captions/examples"] == details["shapes_captions colour"]["examples"]
+    assert len(set(evals[-1]["shapes_captions/examples"])) > 1  # captions that can tell two models apart
+    assert [evals[-1]["shapes_captions/colour"], evals[-1]["shapes_captions/shape"]] == [
+        scores["shapes_captions colour"], scores["shapes_captions shape"]]
     assert final["val_loss"] == evals[-1]["val_loss"]
     assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 12
     assert {p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()} >= {"8", "12"}
@@ -42,7 +51,7 @@ def test_end_to_end_writes_metrics_and_checkpoints_and_learns(tiny_run):
 
 
 def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tiny_run, tiny_data_dir, tmp_path):
-    expected, _ = read_metrics(tiny_run[0])
+    expected, expected_evals = read_metrics(tiny_run[0])
     command = [sys.executable, "-m", "frozenlm_jax.train", f"--config={CONFIGS / 'tiny.py'}",
                f"--workdir={tmp_path}", f"--config.data.data_dir={tiny_data_dir}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -217,10 +226,11 @@ def test_every_config_file_builds_with_known_keys():
 def test_two_processes_survive_a_sigterm_on_one_and_reach_the_losses_of_one(tiny_run, tiny_data_dir, tmp_path):
     """jax.distributed on localhost, 4 CPU devices per process, the same global batch. SIGTERM to process 1 alone:
     both save the same step and exit cleanly (JAX's preemption service, no per-step collective); rerun, they
-    finish with the losses of one process with 8 devices (the tiny config orders data globally)."""
+    finish with the losses and in-loop evaluation of one process with 8 devices (the tiny config orders data
+    globally)."""
     import socket
 
-    expected, _ = read_metrics(tiny_run[0])
+    expected, expected_evals = read_metrics(tiny_run[0])
 
     def launch():
         with socket.socket() as s:
@@ -249,9 +259,12 @@ def test_two_processes_survive_a_sigterm_on_one_and_reach_the_losses_of_one(tiny
     assert saved and saved[-1] < 12 and "preempted (SIGTERM): saved step" in outputs[0][1] + outputs[0][0]
     for process in launch():
         assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
-    got, _ = read_metrics(tmp_path)
+    got, evals = read_metrics(tmp_path)
     assert sorted(got) == sorted(expected)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-5)
+    # The in-loop evaluation of step 12 (inputs placed by each process on its devices): one process's captions.
+    keys = ("shapes_captions/examples", "shapes_captions/colour", "shapes_captions/shape")
+    assert [evals[-1][k] for k in keys] == [expected_evals[-1][k] for k in keys]
 
 
 def test_profile_trace_and_export_by_lm_reference(tiny_data_dir, tmp_path):

@@ -54,8 +54,8 @@ def vqa_scene(seed: int, index: int):
 def write_vqa(out_dir, num_images: int = 500, image_size: int = 64, seed: int = 0, questions_per_image: int = 3):
     """VQAv2-format questions and annotations (10 identical answers each) over freshly generated scenes.
 
-    Files: `questions.json`, `annotations.json`, `objects.json` (the structured scene of every image, for
-    error analysis) and `images/<image_id:012d>.png`. Returns the output directory.
+    Files: `questions.json`, `annotations.json`, `objects.json` (the structured scene of every image and its
+    `shapes_world.describe` text, for error analysis and the text oracle) and `images/<image_id:012d>.png`. Returns the output directory.
     """
     out = pathlib.Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,8 @@ def write_vqa(out_dir, num_images: int = 500, image_size: int = 64, seed: int = 
     for image_id in range(num_images):
         scene, rng = vqa_scene(seed, image_id)
         _write_image(out / "images" / f"{image_id:012d}.png", world.render(scene, image_size))
-        objects[image_id] = {"background": scene.background, "objects": [vars(s) for s in scene.shapes]}
+        objects[image_id] = {"background": scene.background, "objects": [vars(s) for s in scene.shapes],
+                             "description": world.describe(scene)}
         for q in world.questions(scene, rng, questions_per_image):
             question_id = len(questions)
             questions.append({"image_id": image_id, "question": q.question, "question_id": question_id})
@@ -101,7 +102,8 @@ def write_episodes(
 
     `real_name`: captions name the true shape ("This is a star."); `open_ended`: each kind gets a nonsense
     word for this episode only ("This is a dax."), so only the prompt can tell the answer. Every support and
-    question image holds one object, so its category is unambiguous. Returns the JSON file's path.
+    question image holds one object, so its category is unambiguous. `description_<i>` and `question_description`
+    hold each image's `shapes_world.describe` text (for the text oracle). Returns the JSON file's path.
     """
     if flavour not in EPISODE_STREAMS:
         raise ValueError(f"unknown episode flavour {flavour!r}; known: {', '.join(FLAVOURS)}")
@@ -126,11 +128,14 @@ def write_episodes(
             _write_image(out / name, world.render(scene, image_size))
             episode[f"image_{i}"] = name
             episode[f"caption_{i}"] = f"This is a {words[k]}."
+            episode[f"description_{i}"] = world.describe(scene)
         answer = int(rng.integers(ways))
         name = f"{task}_id_{x}_question.jpg"
-        _write_image(out / name, world.render(world.sample_scene(rng, num_objects=1, kinds=(kinds[answer],)), image_size))
+        scene = world.sample_scene(rng, num_objects=1, kinds=(kinds[answer],))
+        _write_image(out / name, world.render(scene, image_size))
         episode.update(
             question_image=name,
+            question_description=world.describe(scene),
             question=EPISODE_QUESTION,
             answer=words[answer],
             category=kinds[answer],
@@ -143,8 +148,9 @@ def write_episodes(
 
 
 def read_episodes(path) -> list[dict]:
-    """The episodes of one `..._all_questions.json` file, with `support` = [(image path, caption), ...]
-    and `question_image` as a path; the paper's released task files read the same way."""
+    """The episodes of one `..._all_questions.json` file, with `support` = [(image path, caption), ...],
+    `question_image` as a path and `descriptions` = {image path: scene text} (empty for files without them);
+    the paper's released task files read the same way."""
     path = pathlib.Path(path)
     episodes = []
     for raw in json.loads(path.read_text()):
@@ -152,7 +158,12 @@ def read_episodes(path) -> list[dict]:
         while f"image_{i}" in raw:
             support.append((path.parent / raw[f"image_{i}"], raw[f"caption_{i}"]))
             i += 1
-        episodes.append({**raw, "support": support, "question_image": path.parent / raw["question_image"]})
+        question_image = path.parent / raw["question_image"]
+        descriptions = {image: raw[f"description_{j}"] for j, (image, _) in enumerate(support, start=1)
+                        if f"description_{j}" in raw}
+        if "question_description" in raw:
+            descriptions[question_image] = raw["question_description"]
+        episodes.append({**raw, "support": support, "question_image": question_image, "descriptions": descriptions})
     return episodes
 
 

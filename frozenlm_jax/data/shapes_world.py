@@ -205,6 +205,12 @@ def captions(scene: Scene, rng: np.random.Generator, count: int = 4) -> list[str
     return [options[k] for k in sorted(chosen)]
 
 
+def describe(scene: Scene) -> str:
+    """The plain text of a whole scene, every object with its size and place: 'a small red circle in the top
+    left and a blue square at the bottom, on a white background' (the text oracle's stand-in for the image)."""
+    return f"{_join([f'{_with_size(s)} {where(s)}' for s in scene.shapes])}, on a {scene.background} background"
+
+
 @dataclasses.dataclass(frozen=True)
 class Question:
     question: str

@@ -8,7 +8,8 @@ normalisation (lowercase, punctuation and articles dropped), right when it equal
 `task_induction` opens the prompt with "Answer with dax or blicket." (the episode's names, in file order).
 
 The answerer is any object with `.image_size` and `.generate(prompts, max_new_tokens=..., stop=...) ->
-list[str]`; images are passed as `eval_files.load_image` returns them, or as zeros when `blind`.
+list[str]`; images are passed as their files' paths, or as zeros [S, S, 3] when `blind`. `ShapesEpisodes` is
+the evaluator of `frozenlm_jax.eval.suite` (fast_binding, real_name).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from frozenlm_jax.data.eval_files import FLAVOURS, load_image, read_episodes, task_name
+from frozenlm_jax.data import eval_files
+from frozenlm_jax.data.eval_files import FLAVOURS, read_episodes, task_name
+from frozenlm_jax.eval.task import Column, Evaluator, answerer, data_cache
 
 QUERY = "Q: {question} A: This is a"
 STOP = ["\n", "."]
@@ -54,10 +57,10 @@ def task_induction_text(names: Sequence[str]) -> str:
 
 def episode_items(episode: dict, image_size: int, task_induction: bool = False, blind: bool = False,
                   query: str = QUERY) -> list:
-    """The prompt of one `read_episodes` episode: support images alternating with their captions, then the query
-    image and `query` (formatted with the episode's question)."""
+    """The prompt of one `read_episodes` episode: support images (paths) alternating with their captions, then
+    the query image and `query` (formatted with the episode's question)."""
     def image(path):
-        return np.zeros((image_size, image_size, 3), np.float32) if blind else load_image(path, image_size)
+        return np.zeros((image_size, image_size, 3), np.float32) if blind else path
 
     items: list = [task_induction_text(episode["names"])] if task_induction else []
     for path, caption in episode["support"]:
@@ -116,3 +119,47 @@ def evaluate_episode_grid(
         result = evaluate_episodes(answerer, episode_file(directory, flavour, w, s), induction, blind, **kwargs)
         rows.append({"flavour": flavour, **{k: v for k, v in result.items() if k != "predictions"}})
     return rows
+
+
+EPISODES_VERSION = 2  # files with scene descriptions
+
+
+class ShapesEpisodes(Evaluator):
+    """Columns "<task> <w>-way <k>-shot" over `eval.episode_ways` × `eval.episode_shots`: `eval.num_examples`
+    generated episodes each (`eval_files.write_episodes`, cached in `data_cache()`), task induction as
+    `eval.task_induction`. Chance: 1 / ways."""
+
+    def __init__(self, name, settings, image_size, flavour: str):
+        super().__init__(name, settings, image_size)
+        self.flavour = flavour
+
+    def columns(self) -> list[Column]:
+        s = self.settings
+        return [Column(f"{self.name} {w}-way {k}-shot", self.name, f"{self.name} {w}-way", k)
+                for w in s.episode_ways for k in s.episode_shots]
+
+    def chance(self) -> dict[str, float]:
+        return {f"{self.name} {w}-way {k}-shot": 1 / w for w in self.settings.episode_ways
+                for k in self.settings.episode_shots}
+
+    def _file(self, ways: int, shots: int) -> pathlib.Path:
+        s = self.settings
+        directory = (data_cache() / f"shapes_{self.image_size}" /
+                     f"episodes_v{EPISODES_VERSION}_seed{s.seed}_n{s.num_examples}")
+        name = f"{task_name(self.flavour)}_shots_{shots}_ways_{ways}_all_questions.json"
+        if not (directory / name).exists():  # written last
+            eval_files.write_episodes(directory, self.flavour, ways, shots, s.num_examples, self.image_size, s.seed)
+        return episode_file(directory, self.flavour, ways, shots)
+
+    def _run(self, model, mode: str) -> dict:
+        s, out = self.settings, {}
+        for ways in s.episode_ways:
+            for shots in s.episode_shots:
+                path = self._file(ways, shots)
+                descriptions = {image: text for e in read_episodes(path) for image, text in e["descriptions"].items()}
+                found = evaluate_episodes(answerer(model, mode, descriptions), path, s.task_induction,
+                                          batch_size=s.batch_size)
+                out[f"{self.name} {ways}-way {shots}-shot"] = (found["accuracy"], {
+                    "episodes": len(found["predictions"]), "task_induction": s.task_induction,
+                    "examples": found["predictions"][:4]})
+        return out

@@ -13,11 +13,14 @@ import ml_collections
 
 from frozenlm_jax import paths
 from frozenlm_jax.config import default_config
-from frozenlm_jax.eval.suite import Suite, TextOnly, check_settings
+from frozenlm_jax.eval.suite import Suite, check_settings
 from frozenlm_jax.export import load_frozen
 
 RESULTS_JSON, RESULTS_MD, PLOT_PNG = "results.json", "results.md", "accuracy_vs_shots.png"
 LM_ONLY = "LM only (no images)"
+TEXT_ORACLE = "text oracle (scene text for images)"
+CHANCE = "chance"
+LINE_STYLES = {"model": "-", "chance": ":"}  # other rows dashed
 TRAINED_LM_VARIANTS = ("finetuned", "scratch")
 
 
@@ -49,19 +52,24 @@ def _key(path):
 
 
 def evaluate_runs(workdirs: Sequence = (), tasks: str | Sequence[str] | None = None, out=None, lm_only=None,
-                  data_dir: str | None = None, step: int | str = "best") -> dict:
+                  data_dir: str | None = None, step: int | str = "best", text_oracle: bool = False,
+                  overrides: dict | None = None) -> dict:
     """Evaluate each workdir (a training workdir or an exported model) on `tasks` (default: those of its
     config), plus "<name> (blind)" where its config sets `eval.blind_baseline`, plus `LM_ONLY` when `lm_only`
-    names a run whose frozen LM then answers the same prompts from their text alone. Writes the report to
-    `out` (default: the workdir's eval/ when there is one workdir) and returns it.
+    names a run whose frozen LM then answers the same prompts from their text alone, plus `TEXT_ORACLE` with
+    `text_oracle` (the LM of `lm_only`, else of the first workdir, reading each image's true scene text), plus
+    the `CHANCE` row. `overrides` replaces `eval.*` settings of every run (e.g. {"num_examples": 20}). Writes
+    the report to `out` (default: the workdir's eval/ when there is one workdir) and returns it.
     """
     workdirs = list(workdirs)
-    sources = [(name, w, "run") for name, w in zip(row_names(workdirs), workdirs)]
+    sources = [(name, w, "model") for name, w in zip(row_names(workdirs), workdirs)]
     sources += [(LM_ONLY, lm_only, "lm_only")] if lm_only else []
+    if text_oracle and sources:
+        sources.append((TEXT_ORACLE, sources[-1][1], "text_oracle"))
     if not sources:
         raise ValueError("nothing to evaluate: pass at least one workdir (or lm_only)")
     if out is None:
-        if len(sources) != 1:
+        if len(workdirs) + bool(lm_only) != 1:
             raise ValueError(f"{', '.join(str(p) for _, p, _ in sources)} share one report: pass out=DIR (--out) "
                              "for it (the default, WORKDIR/eval, is for a single workdir)")
         out = paths.path(sources[0][1]) / "eval"
@@ -76,33 +84,38 @@ def evaluate_runs(workdirs: Sequence = (), tasks: str | Sequence[str] | None = N
     for s in settings:  # fail on bad tasks or settings before loading any model
         if data_dir is not None:
             s.data_dir = data_dir
+        try:
+            s.update(overrides or {})
+        except (AttributeError, KeyError) as e:
+            raise ValueError(f"unknown eval setting in {overrides} ({e}); known: {', '.join(s)}") from None
         check_settings(tasks or s.tasks, s)
     suites: dict = {}
     rows = []
     keys = [_key(path) for _, path, _ in sources]
-    loaded: dict = {}  # a model kept while a later row needs it too (lm_only of an evaluated run)
-    for i, ((name, path, kind), s) in enumerate(zip(sources, settings)):
+    loaded: dict = {}  # a model kept while a later row needs it too (lm_only or the oracle of an evaluated run)
+    for i, ((name, path, mode), s) in enumerate(zip(sources, settings)):
         print(f"evaluating {name} ({path})")
         model = loaded.pop(keys[i], None) or load_frozen(path, step)
         if keys[i] in keys[i + 1:]:
             loaded[keys[i]] = model
-        if kind == "lm_only" and model.model.variant in TRAINED_LM_VARIANTS:
-            raise ValueError(f"lm_only={path}: that run trained its LM (variant {model.model.variant!r}); pass a run "
-                             "whose LM stayed frozen (variant 'frozen' or 'train_blind')")
+        if mode != "model" and model.model.variant in TRAINED_LM_VARIANTS:
+            raise ValueError(f"{path}: that run trained its LM (variant {model.model.variant!r}), so it cannot stand "
+                             "for the frozen LM alone; pass a run whose LM stayed frozen (variant 'frozen' or "
+                             "'train_blind') as lm_only")
         task_names = check_settings(tasks or s.tasks, s)
         suite = suites.setdefault((tuple(task_names), s.to_json(), model.image_size),
                                   Suite(task_names, s, model.image_size))
         common = dict(source=str(path), tasks=task_names, settings=s.to_dict())
-        if kind == "lm_only":
-            rows.append(dict(name=name, kind=kind, **common, **suite.evaluate(TextOnly(model))))
-            continue
-        rows.append(dict(name=name, kind=kind, **common, **suite.evaluate(model)))
-        if s.blind_baseline:
+        rows.append(dict(name=name, kind=mode, **common, **suite.evaluate(model, mode)))
+        if mode == "model" and s.blind_baseline:
             print(f"evaluating {name} (blind)")
-            rows.append(dict(name=f"{name} (blind)", kind="blind", **common, **suite.evaluate(model, blind=True)))
-    columns = {}
+            rows.append(dict(name=f"{name} (blind)", kind="blind", **common, **suite.evaluate(model, "blind")))
+    columns, chance = {}, {}
     for suite in suites.values():
         columns.update({c.name: dataclasses.asdict(c) for c in suite.columns()})
+        chance.update(suite.chance())
+    rows.append(dict(name=CHANCE, kind="chance", source="", tasks=[], settings=settings[0].to_dict(),
+                     scores=chance, details={}))
     report = {"columns": list(columns.values()), "rows": rows}
     for path in write_report(report, out):
         print(f"wrote {path}")
@@ -136,7 +149,10 @@ def markdown(report: dict) -> str:
              "Accuracy in %. VQA: the official VQAv2 accuracy of short greedy answers; episodes: exact match of the "
              "answer's first word; captions: the share of colour / shape words in generated captions that are right "
              "for the image. \"(blind)\": the same prompts with every image blanked; \"" + LM_ONLY + "\": the frozen "
-             "LM on the prompts' text alone. –: not evaluated; n/a: does not apply.", ""]
+             "LM on the prompts' text alone; \"" + TEXT_ORACLE + "\": the frozen LM with every image replaced by "
+             "the true text of its scene (what the LM could do with a prefix as good as words); \"" + CHANCE + "\": "
+             "VQA: always the most frequent answer of the question's type; episodes: 1 / ways; captions: a uniformly "
+             "random colour / shape word. –: not evaluated; n/a: does not apply.", ""]
     tasks = list(dict.fromkeys(c["task"] for c in report["columns"]))
     for task in tasks:
         names = [c["name"] for c in report["columns"] if c["task"] == task]
@@ -147,13 +163,13 @@ def markdown(report: dict) -> str:
         lines.append("")
     lines += ["## Runs", "", "| run | source | examples per column | seed |", "|---|---|---:|---:|"]
     lines += [f"| {r['name']} | {r['source']} | {r['settings']['num_examples'] or 'all'} | {r['settings']['seed']} |"
-              for r in report["rows"]]
+              for r in report["rows"] if r["kind"] != "chance"]
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, path) -> None:
     """Accuracy against the number of shots: one panel per series (a task, or a task at one number of ways),
-    one line per row; blind and LM-only rows dashed."""
+    one line per row; blind, LM-only and text-oracle rows dashed, chance dotted."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -171,8 +187,9 @@ def plot(report: dict, path) -> None:
                   if row["scores"].get(column) is not None]
             if xy:
                 shots, scores = zip(*xy)
-                ax.plot(shots, [100 * s for s in scores], marker="o", label=row["name"],
-                        linestyle="-" if row["kind"] == "run" else "--")
+                chance = row["kind"] == "chance"
+                ax.plot(shots, [100 * s for s in scores], marker=None if chance else "o", label=row["name"],
+                        color="gray" if chance else None, linestyle=LINE_STYLES.get(row["kind"], "--"))
         ax.set(title=name, xlabel="shots", ylabel="accuracy (%)", xticks=sorted({s for s, _ in points}))
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)

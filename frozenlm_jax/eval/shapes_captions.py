@@ -10,33 +10,19 @@ from __future__ import annotations
 
 import re
 
-import jax
 import numpy as np
 
 from frozenlm_jax.data import shapes_world as world
-from frozenlm_jax.decode import greedy_from_embeddings
-from frozenlm_jax.models.frozen import Frozen
+from frozenlm_jax.eval.task import Column, Evaluator, answerer
 
 WORD = re.compile(r"[a-z]+")
 KIND_WORDS = {**{k: k for k in world.KINDS}, **{world.plural(k): k for k in world.KINDS}}
 
 
-def generate_captions(model: Frozen, params, images: np.ndarray, tokenizer, max_new_tokens: int) -> list[str]:
-    """Greedy captions of images [N, H, W, 3] (normalised), prompted by each image's prefix alone."""
-    n, count = model.num_prefix_tokens, len(images)
-    prompt = {"tokens": np.full((count, n), tokenizer.pad_id, np.int32), "images": images[:, None],
-              "image_mask": np.ones((count, 1), bool), "image_positions": np.zeros((count, 1), np.int32)}
-    embeds = jax.jit(lambda p, b: model.apply({"params": p}, b, method=Frozen.embed_inputs))(params, prompt)
-    outputs = greedy_from_embeddings(model.lm_config, params["lm"], embeds, np.ones((count, n), bool),
-                                     max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
-    return [tokenizer.decode(tokens) for tokens in outputs]
-
-
 def heldout_scenes(count: int, image_size: int, split: str = "validation", seed: int = 0):
-    """(scenes, images float32 [N, S, S, 3] normalised to [-1, 1]) of the first `count` examples of `split`."""
+    """(scenes, uint8 images [N, S, S, 3]) of the first `count` examples of `split`."""
     scenes = [world.sample_scene(np.random.default_rng([seed, world.SPLIT_IDS[split], i])) for i in range(count)]
-    images = np.stack([world.render(s, image_size) for s in scenes]).astype(np.float32) / 127.5 - 1.0
-    return scenes, images
+    return scenes, np.stack([world.render(s, image_size) for s in scenes])
 
 
 def word_accuracy(captions: list[str], scenes) -> dict[str, float]:
@@ -68,8 +54,33 @@ def word_accuracy(captions: list[str], scenes) -> dict[str, float]:
     }
 
 
-def evaluate(model: Frozen, params, tokenizer, image_size: int, count: int = 64, max_new_tokens: int = 16) -> dict:
-    """Caption accuracy of `model` on `count` held-out validation scenes; also returns a few captions."""
-    scenes, images = heldout_scenes(count, image_size)
-    captions = generate_captions(model, params, images, tokenizer, max_new_tokens)
-    return {**word_accuracy(captions, scenes), "examples": captions[:4]}
+class ShapesCaptions(Evaluator):
+    """Columns "shapes_captions colour" and "... shape": the word accuracy of greedy captions (at most
+    `eval.caption_tokens` tokens, prompted by the image alone, as training sequences start) of the first
+    `eval.num_examples` validation scenes. Only the model and its blind copy caption; chance as above."""
+
+    COLUMNS = (("colour", "color"), ("shape", "shape"))
+
+    def __init__(self, name, settings, image_size):
+        super().__init__(name, settings, image_size)
+        self.scenes, self.images = heldout_scenes(settings.num_examples, image_size)
+
+    def columns(self) -> list[Column]:
+        return [Column(f"{self.name} {what}", self.name, self.name, None) for what, _ in self.COLUMNS]
+
+    def chance(self) -> dict[str, float]:
+        found = word_accuracy([], self.scenes)
+        return {f"{self.name} {what}": found[f"{key}_chance"] for what, key in self.COLUMNS}
+
+    def _run(self, model, mode: str) -> dict:
+        if mode not in ("model", "blind"):
+            return self.not_applicable("the LM alone has no image to caption")
+        captions = []
+        for start in range(0, len(self.images), self.settings.batch_size):
+            batch = self.images[start:start + self.settings.batch_size]
+            captions += answerer(model, mode).generate([[image] for image in batch],
+                                                        max_new_tokens=self.settings.caption_tokens)
+        found = word_accuracy(captions, self.scenes)
+        common = {"captions": len(captions), "examples": captions[:4]}
+        return {f"{self.name} {what}": (found[f"{key}_accuracy"], {"named": found[f"captions_naming_a_{key}"], **common})
+                for what, key in self.COLUMNS}

@@ -5,8 +5,9 @@ Reads the official question and annotation JSON files plus a local image folder.
 train split; answers are short greedy continuations. Accuracies are fractions in [0, 1].
 
 The answerer is any object with `.image_size` and `.generate(prompts, max_new_tokens=..., stop=...) ->
-list[str]` (such as `FrozenLM`); images are passed as `eval_files.load_image` returns them: float32[S, S, 3],
-normalised like the training pipeline. The blind variant passes zeros of that shape instead (the mean image).
+list[str]` (such as `FrozenLM`, which preprocesses them as its encoder needs); images are passed as their files'
+paths. The blind variant passes zeros of shape [S, S, 3] instead (the mean image after normalisation).
+`ShapesVQA` and `OfficialVQA` are the evaluators of `frozenlm_jax.eval.suite` (shapes_vqa; vqav2, okvqa).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -23,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from frozenlm_jax import paths
-from frozenlm_jax.data.eval_files import load_image
+from frozenlm_jax.data import eval_files
+from frozenlm_jax.eval.task import Column, Evaluator, answerer, data_cache
 
 # Image file names, formatted with the question's `image_id`.
 SHAPES_IMAGES = "{image_id:012d}.png"  # eval_files.write_vqa
@@ -198,7 +201,8 @@ def draw_examples(question: VQAQuestion, train: Sequence[VQAQuestion], shots: in
 
 
 def vqa_prompt(question: VQAQuestion, examples: Sequence[VQAQuestion], image_size: int, blind: bool = False) -> list:
-    """`[img_1, "Question: q1 Answer: a1", ..., img, "Question: q Answer:"]`; `blind` puts zeros in every image."""
+    """`[img_1, "Question: q1 Answer: a1", ..., img, "Question: q Answer:"]`, images as paths; `blind` puts zeros
+    in every image."""
     items: list = []
     for example in examples:
         items += [_image(example.image_path, image_size, blind),
@@ -206,13 +210,13 @@ def vqa_prompt(question: VQAQuestion, examples: Sequence[VQAQuestion], image_siz
     return items + [_image(question.image_path, image_size, blind), f"Question: {question.question} Answer:"]
 
 
-def _image(path: os.PathLike, image_size: int, blind: bool) -> np.ndarray:
+def _image(path: os.PathLike, image_size: int, blind: bool):
     if blind:
         return np.zeros((image_size, image_size, 3), np.float32)
     if not path.exists():
         raise FileNotFoundError(f"image {path} not found; check the image folder and image_pattern "
                                 f"(e.g. {COCO_VAL2014!r} for COCO val2014, {SHAPES_IMAGES!r} for shapes)")
-    return load_image(path, image_size)
+    return path
 
 
 def short_answer(text: str) -> str:
@@ -254,3 +258,114 @@ def evaluate_vqa(
             raise ValueError(f"the answerer returned {len(outputs)} answers for {len(prompts)} prompts")
         predictions.update({q.question_id: short_answer(o) for q, o in zip(batch, outputs)})
     return {**score_vqa(predictions, questions), "predictions": predictions, "shots": shots, "blind": blind}
+
+
+def prior_answers(questions: Sequence[VQAQuestion]) -> dict[str, str]:
+    """{question type: its most frequent answer among `questions`} (ties: the first seen)."""
+    by_type: dict[str, Counter] = defaultdict(Counter)
+    for q in questions:
+        by_type[q.question_type][q.answer] += 1
+    return {t: counts.most_common(1)[0][0] for t, counts in by_type.items()}
+
+
+class _VQA(Evaluator):
+    """Columns "<task> <k>-shot" for k in `eval.vqa_shots`; the data is loaded on first use."""
+
+    descriptions: dict | None = None  # {image path: scene text}, for the text oracle
+
+    def __init__(self, name, settings, image_size):
+        super().__init__(name, settings, image_size)
+        self._data = None
+
+    def columns(self) -> list[Column]:
+        return [Column(f"{self.name} {k}-shot", self.name, self.name, k) for k in self.settings.vqa_shots]
+
+    def data(self) -> tuple[list[VQAQuestion], list[VQAQuestion]]:
+        """(questions, in-context pool), loaded once."""
+        if self._data is None:
+            self._data = self._load()
+        return self._data
+
+    def chance(self) -> dict[str, float]:
+        """Always answering the most frequent answer of the question's type (among the evaluated questions)."""
+        questions = self.data()[0]
+        prior = prior_answers(questions)
+        accuracy = score_vqa({q.question_id: prior[q.question_type] for q in questions}, questions)["accuracy"]
+        return {c.name: accuracy for c in self.columns()}
+
+    def _run(self, model, mode: str) -> dict:
+        questions, train = self.data()
+        if mode == "text_oracle" and self.descriptions is None:
+            return self.not_applicable(f"{self.name} images have no ground-truth text")
+        s, out = self.settings, {}
+        for shots in s.vqa_shots:
+            found = evaluate_vqa(answerer(model, mode, self.descriptions), questions, train, shots, s.seed,
+                                 batch_size=s.batch_size)
+            examples = [{"question": q.question, "answer": q.answer, "prediction": found["predictions"][q.question_id]}
+                        for q in questions[:4]]
+            out[f"{self.name} {shots}-shot"] = (found["accuracy"], {
+                "questions": len(questions), "per_answer_type": found["per_answer_type"], "examples": examples})
+        return out
+
+
+QUESTIONS_PER_IMAGE = 3  # of eval_files.write_vqa
+
+
+class ShapesVQA(_VQA):
+    """VQA on generated shapes-world scenes (`eval_files.write_vqa`, cached in `data_cache()`): questions from
+    seed `eval.seed`, in-context examples from seed + 1; the text oracle reads each image's scene text."""
+
+    def _load(self):
+        s, size = self.settings, self.image_size
+        images = math.ceil(s.num_examples / QUESTIONS_PER_IMAGE)
+        train_images = max(images, math.ceil(max(s.vqa_shots, default=0) / QUESTIONS_PER_IMAGE))
+        sets, self.descriptions = [], {}
+        for seed, count in ((s.seed, images), (s.seed + 1, train_images)):
+            directory = data_cache() / f"shapes_{size}" / f"vqa_v2_seed{seed}_images{count}"
+            if not (directory / "objects.json").exists():  # written last
+                print(f"writing shapes VQA (seed {seed}, {count} images) to {directory}")
+                eval_files.write_vqa(directory, count, size, seed)
+            questions = load_vqa(directory / "questions.json", directory / "annotations.json", directory / "images",
+                                 SHAPES_IMAGES)
+            scenes = json.loads((directory / "objects.json").read_text())
+            self.descriptions.update({q.image_path: scenes[str(q.image_id)]["description"] for q in questions})
+            sets.append(questions)
+        return sets[0][:s.num_examples], sets[1]
+
+
+# Official file names in DATA_DIR/<task>/, formatted with split = "train" or "val"; images in
+# DATA_DIR/<task>/<split>2014/ (COCO's own folders; a symlink to one shared copy will do).
+OFFICIAL_FILES = {
+    "vqav2": ("v2_OpenEnded_mscoco_{split}2014_questions.json", "v2_mscoco_{split}2014_annotations.json"),
+    "okvqa": ("OpenEnded_mscoco_{split}2014_questions.json", "mscoco_{split}2014_annotations.json"),
+}
+
+
+class OfficialVQA(_VQA):
+    """VQAv2 or OKVQA from the official files in `eval.data_dir/<task>/` (layout of `OFFICIAL_FILES`):
+    `eval.num_examples` val questions drawn with `eval.seed` (0: all), in-context examples from train."""
+
+    def _load(self):
+        s = self.settings
+        directory = paths.path(s.data_dir) / self.name  # local or gs://
+        paths.preflight(directory)
+
+        def split(name: str, pattern: str):
+            questions, annotations = (directory / f.format(split=name) for f in OFFICIAL_FILES[self.name])
+            for path in (questions, annotations, directory / f"{name}2014"):
+                if not path.exists():
+                    raise FileNotFoundError(f"{path} not found: task {self.name!r} expects {directory} to hold "
+                                            f"{questions.name}, {annotations.name} and the images in {name}2014/")
+            return load_vqa(questions, annotations, directory / f"{name}2014", pattern)
+
+        questions = _subset(split("val", COCO_VAL2014), s.num_examples, s.seed)
+        train = split("train", COCO_TRAIN2014) if any(s.vqa_shots) else []
+        return questions, train
+
+
+def _subset(questions: list, count: int, seed: int) -> list:
+    """`count` questions drawn without replacement (in file order), or all when count is 0 or too large."""
+    if count <= 0 or count >= len(questions):
+        return questions
+    chosen = np.random.default_rng(seed).choice(len(questions), size=count, replace=False)
+    return [questions[i] for i in sorted(chosen)]

@@ -1,8 +1,8 @@
 """`train_and_evaluate(config, workdir)`: the training loop behind `python -m frozenlm_jax.train`.
 
 Resumes automatically from the workdir's latest checkpoint (then `train.init_checkpoint`, then scratch);
-logs to a progress bar, `metrics.jsonl` and TensorBoard; evaluates validation loss and greedy sample
-captions; saves on SIGTERM; stops with a clear message on a NaN loss, keeping the last good checkpoint.
+logs to a progress bar, `metrics.jsonl` and TensorBoard; evaluates validation loss, greedy sample
+captions and the evaluators of `train.eval_tasks` (the same as `python -m frozenlm_jax.evaluate`'s); saves on SIGTERM; stops with a clear message on a NaN loss, keeping the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from frozenlm_jax.build import build_lm, build_model
 from frozenlm_jax.checkpointing import CheckpointDamaged, Checkpointer, fingerprint, write_json
 from frozenlm_jax.config import validate_config
 from frozenlm_jax.data.batch import make_global_batch
-from frozenlm_jax.eval import shapes_captions
+from frozenlm_jax.eval.suite import Suite
 from frozenlm_jax.export import save_exported
+from frozenlm_jax.frozen_lm import FrozenLM
 from frozenlm_jax.models.frozen import Frozen, check_batch
 from frozenlm_jax.parallel import make_mesh
 from frozenlm_jax.train.optimizer import VARIANT_LABEL_RULES, with_prefix_rule
@@ -276,6 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     several = jax.process_count() > 1
     previous = None if several else signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     eval_loss = _make_eval(model, trainer)
+    suite = in_loop_suite(config)
     last_metrics: dict = {}
     start_step, tic = step, time.perf_counter()
     profile_start, profile_stop = config.train.profile_steps
@@ -315,8 +317,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
             val_loss = None
             if step % config.train.eval_every == 0 or step == config.train.num_steps:
                 val_loss = eval_loss(state.params, frozen, eval_data, config.train.eval_batches)
-                evaluation = {"val_loss": val_loss, **_caption_eval(config, model, merge_params(state.params, frozen),
-                                                                     tokenizer, eval_data)}
+                frozen_lm = FrozenLM(model, merge_params(state.params, frozen), tokenizer, config.vision.image_size)
+                evaluation = {"val_loss": val_loss, **_in_loop_metrics(suite, frozen_lm),
+                              "samples": _samples(config, frozen_lm, eval_data)}
                 last_metrics = dict(last_metrics, **evaluation)
                 logger.write(step, evaluation)
                 progress.write(f"step {step}: " + ", ".join(
@@ -373,14 +376,40 @@ def _make_eval(model, trainer):
     return evaluate
 
 
-def _caption_eval(config, model, params, tokenizer, eval_data) -> dict:
-    """Greedy sample captions of validation images; on the shapes world, also their word accuracy."""
-    max_new_tokens = config.data.max_len - model.num_prefix_tokens
-    if config.data.dataset == "frozen_shapes" and config.train.caption_eval_images:
-        result = shapes_captions.evaluate(model, params, tokenizer, config.vision.image_size,
-                                          config.train.caption_eval_images, max_new_tokens)
-        return {**{k: v for k, v in result.items() if k != "examples"},
-                "samples": result["examples"][:config.train.num_samples]}
+def in_loop_suite(config: ml_collections.ConfigDict) -> Suite | None:
+    """The evaluators of `train.eval_tasks` under the `eval` settings, on `train.eval_examples` examples."""
+    if not config.train.eval_tasks:
+        return None
+    settings = ml_collections.ConfigDict(config.eval.to_dict())
+    settings.num_examples = config.train.eval_examples
+    return Suite(config.train.eval_tasks, settings, config.vision.image_size)
+
+
+def metric_name(column: str) -> str:
+    """A report column as a metric name: "shapes_vqa 1-shot" -> "shapes_vqa/1-shot"."""
+    task, _, rest = column.partition(" ")
+    return f"{task}/{rest.replace(' ', '_')}" if rest else task
+
+
+def _in_loop_metrics(suite: Suite | None, frozen_lm: FrozenLM) -> dict:
+    """{metric name: accuracy} of every column, and "<task>/examples": the first generated captions of a task."""
+    if suite is None:
+        return {}
+    found = suite.evaluate(frozen_lm)
+    metrics = {metric_name(column): score for column, score in found["scores"].items() if score is not None}
+    for column, details in found["details"].items():
+        if "captions" in details:
+            metrics[f"{column.partition(' ')[0]}/examples"] = details["examples"]
+    return metrics
+
+
+def _samples(config, frozen_lm: FrozenLM, eval_data) -> list[str]:
+    """Greedy captions of the first `train.num_samples` validation images of the first processes."""
+    if not config.train.num_samples:
+        return []
     eval_data.set_state(dict(eval_data.get_state(), position=0, batches=0))
     images = next(eval_data)["images"][:config.train.num_samples, 0]
-    return {"samples": shapes_captions.generate_captions(model, params, images, tokenizer, max_new_tokens)}
+    if jax.process_count() > 1:  # each process holds its own share of the validation data
+        images = np.concatenate(list(multihost_utils.process_allgather(images)))[:config.train.num_samples]
+    max_new_tokens = config.data.max_len - frozen_lm.model.num_prefix_tokens
+    return frozen_lm.generate([[image] for image in images], max_new_tokens=max_new_tokens)
