@@ -82,6 +82,19 @@ def smollm2(smollm2_gguf):
     return load_lm("smollm2-135m")
 
 
+def bos_tokenizer():
+    """The byte tokenizer plus a BOS token "<s>" that it adds, as Llama's and Gemma's tokenizers do."""
+    import tokenizers
+
+    from frozenlm_jax.tokenizer import Tokenizer, byte_tokenizer
+
+    base = byte_tokenizer().backend
+    base.add_special_tokens([tokenizers.AddedToken("<s>", special=True, normalized=False)])
+    bos = base.token_to_id("<s>")
+    base.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return Tokenizer(base, bos_id=bos, eos_id=256, pad_id=None)
+
+
 def write_random_hf_llama(directory, seed=0, **config_overrides):
     """A tiny llama HF directory (config.json + model.safetensors) with random weights, built without torch."""
     import json

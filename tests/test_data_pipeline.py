@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-import tokenizers
+from conftest import bos_tokenizer
 from etils import epath
 
 from frozenlm_jax.data import random_access, shapes
 from frozenlm_jax.data.batch import TextLayout, make_global_batch, stack
 from frozenlm_jax.data.pipeline import CaptionPipeline, CaptionSource, PipelineConfig
 from frozenlm_jax.tokenizer import byte_tokenizer
-from frozenlm_jax.tokenizer import Tokenizer
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -58,14 +57,6 @@ def _records(data_dir, split, process_index=0, process_count=1):
     return tfds.data_source(f"frozen_shapes/{TINY.name}", split=subsplit, data_dir=data_dir, deserialize_method=NO_DECODE)
 
 
-def _bos_tokenizer():
-    base = byte_tokenizer().backend
-    base.add_special_tokens([tokenizers.AddedToken("<s>", special=True, normalized=False)])
-    bos = base.token_to_id("<s>")
-    base.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    return Tokenizer(base, bos_id=bos, eos_id=256, pad_id=None)
-
-
 def test_caption_layout_targets_exactly_the_caption_and_eos(tokenizer):
     layout = TextLayout(tokenizer, max_len=12, num_prefix=2)
     tokens, loss_mask, position = layout.caption("a dax")
@@ -76,10 +67,10 @@ def test_caption_layout_targets_exactly_the_caption_and_eos(tokenizer):
     tokens, loss_mask, _ = layout.caption("a much longer caption")  # cut, EOS included
     assert tokens.tolist() == [eos, eos, *b"a much lon"] and loss_mask[2:].all() and not loss_mask[:2].any()
 
-    bos_tokenizer = _bos_tokenizer()
-    layout = TextLayout(bos_tokenizer, max_len=10, num_prefix=2)
+    with_bos = bos_tokenizer()
+    layout = TextLayout(with_bos, max_len=10, num_prefix=2)
     tokens, loss_mask, position = layout.caption("ab")
-    bos = bos_tokenizer.bos_id
+    bos = with_bos.bos_id
     assert position == 1 and layout.pad_id == eos  # no pad id: EOS pads
     assert tokens.tolist() == [bos, eos, eos, *b"ab", eos, eos, eos, eos, eos]
     assert np.flatnonzero(loss_mask).tolist() == [3, 4, 5]

@@ -6,9 +6,10 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
-from conftest import jit_apply
+from conftest import bos_tokenizer, jit_apply
 
 from frozenlm_jax import FrozenLM, load_frozen
 from frozenlm_jax.data.batch import TextLayout, stack
@@ -124,6 +125,25 @@ def test_blind_blanks_every_image(fm):
     np.testing.assert_array_equal(blind.preprocess(img1), gray)
     np.testing.assert_allclose(blind.score(prompt, ["dax"]), fm.score([gray, "This is a dax.", gray,
                                                                         "Q: What is this? A:"], ["dax"]))
+
+
+def test_caption_prompts_start_as_training_sequences_do(fm, monkeypatch):
+    """The caption evaluator's prompt is BOS (for a tokenizer that adds one) then the image's prefix slots,
+    as `TextLayout.caption` starts a training sequence; one compiled embedding for every batch of a shape."""
+    from frozenlm_jax import frozen_lm
+    from frozenlm_jax.eval.shapes_captions import ShapesCaptions
+
+    model = FrozenLM(fm.model, fm.params, bos_tokenizer(), SIZE)
+    tokens = []
+    embed = frozen_lm._embed
+    monkeypatch.setattr(frozen_lm, "_embed", lambda m, p, batch: tokens.append(batch["tokens"]) or embed(m, p, batch))
+    settings = ml_collections.ConfigDict(dict(num_examples=4, batch_size=2, caption_tokens=3))
+    misses = embed._cache_size()
+    ShapesCaptions("shapes_captions", settings, SIZE).run(model)
+    training_start = TextLayout(model.tokenizer, 8, N).caption("a")[0][:1 + N].tolist()
+    assert training_start[0] == model.tokenizer.bos_id
+    assert [row[-1 - N:].tolist() for batch in tokens for row in batch] == [training_start] * 4
+    assert embed._cache_size() == misses + 1  # two batches, one program
 
 
 def test_score_equals_the_log_likelihood_and_ranks_the_greedy_answer_first(fm):
