@@ -70,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 100
     c.train.eval_batches = 4
-    c.train.num_samples = 4  # greedy sample captions logged at each eval
+    c.train.num_samples = 16  # validation images captioned greedily at each eval (metrics, samples/step_N.png)
     c.train.eval_tasks = "shapes_captions"  # evaluators run every eval_every steps (eval.* settings), "" for none
     c.train.eval_examples = 64  # their eval.num_examples in the loop: a few dozen keeps training fast
     c.train.checkpoint_every = 100
@@ -95,6 +95,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.axis_rules = tuple(DEFAULT_RULES)
     c.lock()
     return c
+
+
+def applicable(config: ml_collections.ConfigDict) -> dict:
+    """The config as a dict without the keys that do not apply to it (a random LM's `lm.random` and
+    `lm.tokenizer` when the LM is loaded): what a run's `config.json` records."""
+    out = config.to_dict()
+    if config.lm.source != "random":
+        for key in ("random", "tokenizer"):
+            del out["lm"][key]
+    return out
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from absl import logging
-
+from frozenlm_jax.console import configure_output
 from frozenlm_jax.eval.report import evaluate_runs
 from frozenlm_jax.eval.suite import TASKS
 
@@ -36,8 +35,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--ways", type=_ints, help="overrides eval.episode_ways, e.g. 2,5")
     parser.add_argument("--data_dir", help="overrides eval.data_dir: the folder holding vqav2/ and okvqa/")
     parser.add_argument("--step", default="best", help="checkpoint of a workdir: best, latest or a step number")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' start-up lines, warnings and "
+                        "INFO logs")
     args = parser.parse_args(argv)
-    logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
+    configure_output(args.verbose)
     step = int(args.step) if args.step.isdigit() else args.step
     overrides = {}
     if args.num_examples is not None:

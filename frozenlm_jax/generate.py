@@ -10,6 +10,7 @@ import time
 import jax
 from absl import app, flags
 
+from frozenlm_jax.console import configure_output
 from frozenlm_jax.weights import load_lm
 from frozenlm_jax.decode import METHODS, generate
 
@@ -23,6 +24,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (met
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the likeliest tokens holding this mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the libraries' start-up lines, warnings and INFO logs.")
 
 
 def generate_text(lm_source: str, prompt: str, max_new_tokens: int, dtype: str = "float32", **options) -> str:
@@ -43,6 +45,7 @@ def generate_text(lm_source: str, prompt: str, max_new_tokens: int, dtype: str =
 
 def main(argv):
     del argv
+    configure_output(_VERBOSE.value or flags.FLAGS["verbosity"].present)
     options = dict(method=_METHOD.value, num_beams=_NUM_BEAMS.value, temperature=_TEMPERATURE.value,
                    top_k=_TOP_K.value, top_p=_TOP_P.value, rng=jax.random.key(_SEED.value))
     continuation = generate_text(_LM.value, _PROMPT.value, _MAX_NEW_TOKENS.value, _DTYPE.value, **options)

@@ -9,7 +9,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "frozenlm_jax"
 # Lowest first; a module may import its own layer and lower ones. Prefixes name a module or a package.
 LAYERS = [
-    ("frozenlm_jax.parallel", "frozenlm_jax.paths", "frozenlm_jax.tokenizer", "frozenlm_jax.trees"),
+    ("frozenlm_jax.console", "frozenlm_jax.parallel", "frozenlm_jax.paths", "frozenlm_jax.tokenizer",
+     "frozenlm_jax.trees"),
     ("frozenlm_jax.models",),
     ("frozenlm_jax.config",),
     ("frozenlm_jax.weights",),

@@ -2,8 +2,9 @@
 subprocess, and the clear errors of mismatched checkpoints and configs."""
 
 import json
-import shutil
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,7 +46,9 @@ def test_end_to_end_writes_metrics_and_checkpoints_and_learns(tiny_run, tmp_path
     assert [evals[-1]["shapes_captions/colour"], evals[-1]["shapes_captions/shape"]] == [
         scores["shapes_captions colour"], scores["shapes_captions shape"]]
     assert final["val_loss"] == evals[-1]["val_loss"]
-    assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 12
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["train"]["num_steps"] == 12 and "random" in saved["lm"]  # a random LM records its shape
+    assert (workdir / "samples" / "step_12.png").read_bytes().startswith(b"\x89PNG")
     assert {p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()} >= {"8", "12"}
     assert list((workdir / "tensorboard").iterdir())
 
@@ -66,8 +69,16 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tiny_run, tiny_
     assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
     stopped_at = max(read_metrics(tmp_path)[0])
     assert 3 <= stopped_at < 12
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    quiet_env = {k: v for k, v in env.items() if not k.startswith("TF_")}  # the user's defaults (conftest sets one)
+    second = subprocess.run(command, env=quiet_env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
+    for noise in ("oneDNN", "InitializeLog", "deprecated", "Unable to initialize backend"):
+        assert noise not in second.stderr + second.stdout, (noise, second.stderr[-3000:])
+    assert not re.search(r"^[IWE]\d{4} \d\d:\d\d", second.stderr, re.MULTILINE), second.stderr[-3000:]  # absl lines
+    # The run ends with what it learned against chance and blank images, its files and the next commands.
+    said = second.stdout + second.stderr
+    assert "Trained 12 steps" in said and f"python -m frozenlm_jax.evaluate --workdir={tmp_path}" in said, said[-3000:]
+    assert re.search(r"shapes_captions shape +[\d.]+  \(chance 0\.\d+; blank images [\d.]+\)", said), said[-3000:]
     resumed, _ = read_metrics(tmp_path)
     lines = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
@@ -305,6 +316,16 @@ def test_profile_trace_and_export_by_lm_reference(tiny_data_dir, tmp_path):
     save_file(tensors, str(lm_dir / "model.safetensors"))
     with pytest.raises(ValueError, match="is not the one this model was trained with"):
         load_frozen(out)
+
+
+def test_config_json_holds_only_what_applies():
+    from frozenlm_jax.config import applicable, default_config
+
+    loaded = applicable(default_config())
+    assert "random" not in loaded["lm"] and "tokenizer" not in loaded["lm"] and loaded["lm"]["source"]
+    random = default_config()
+    random.lm.source = "random"
+    assert applicable(random)["lm"]["random"]["hidden_size"] == random.lm.random.hidden_size
 
 
 def test_configs_are_found_by_name_or_path():

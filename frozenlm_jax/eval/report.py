@@ -7,9 +7,11 @@ import dataclasses
 import io
 import json
 import os
+import textwrap
 from collections.abc import Sequence
 
 import ml_collections
+import numpy as np
 
 from frozenlm_jax import paths
 from frozenlm_jax.config import default_config
@@ -200,3 +202,26 @@ def plot(report: dict, path) -> None:
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=120)
     paths.path(path).write_bytes(png.getvalue())
+
+
+def write_caption_grid(path, images, captions: Sequence[str], mean, std, columns: int = 4) -> None:
+    """A PNG at `path` (local or gs://) of normalised images [N, S, S, 3] (pixels = image * std + mean), each
+    with its caption below."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = -(-len(captions) // columns)
+    figure = Figure(figsize=(2.6 * columns, 2.9 * rows))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, caption in zip(axes, images, captions):
+        ax.imshow(np.clip(np.asarray(image) * np.asarray(std) + np.asarray(mean), 0.0, 1.0))
+        ax.set_title(textwrap.fill(caption.strip() or "(empty)", 28), fontsize=8)
+    figure.tight_layout()
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=80)
+    path = paths.path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png.getvalue())

@@ -69,7 +69,7 @@ class ShapesCaptions(Evaluator):
         return [Column(f"{self.name} {what}", self.name, self.name, None) for what, _ in self.COLUMNS]
 
     def chance(self) -> dict[str, float]:
-        found = word_accuracy([], self.scenes)
+        found = word_accuracy([""] * len(self.scenes), self.scenes)
         return {f"{self.name} {what}": found[f"{key}_chance"] for what, key in self.COLUMNS}
 
     def _run(self, model, mode: str) -> dict:

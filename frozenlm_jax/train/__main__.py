@@ -6,10 +6,11 @@ to a config file. Override any config key with `--config.a.b=value` (unknown key
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from frozenlm_jax.config import config_file
+from frozenlm_jax.console import configure_output
 from frozenlm_jax.train.trainer import export, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config).", lock_config=True)
@@ -18,14 +19,15 @@ _EXPORT = flags.DEFINE_string("export", None, "Instead of training: export the w
                               "this directory as a self-contained model (frozenlm_jax.load_frozen opens it).")
 _EXPORT_LM_WEIGHTS = flags.DEFINE_bool("export_lm_weights", False, "With --export: include a frozen LM's weights "
                                        "instead of a reference to its source.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the libraries' start-up lines, warnings and INFO logs (also "
+                              "shown when absl's --verbosity/-v is given).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO; -v 0 brings it back
+    configure_output(_VERBOSE.value or flags.FLAGS["verbosity"].present)
     if _EXPORT.value:
         print(f"exported to {export(_CONFIG.value, _WORKDIR.value, _EXPORT.value, _EXPORT_LM_WEIGHTS.value)}")
     else:

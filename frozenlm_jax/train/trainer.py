@@ -27,8 +27,10 @@ from tqdm.auto import tqdm
 from frozenlm_jax import paths
 from frozenlm_jax.build import build_lm, build_model
 from frozenlm_jax.checkpointing import CheckpointDamaged, Checkpointer, fingerprint, write_json
-from frozenlm_jax.config import validate_config
+from frozenlm_jax.config import applicable, validate_config
 from frozenlm_jax.data.batch import make_global_batch
+from frozenlm_jax.data.images import IMAGE_MEAN, IMAGE_STD
+from frozenlm_jax.eval.report import write_caption_grid
 from frozenlm_jax.eval.suite import Suite
 from frozenlm_jax.export import save_exported
 from frozenlm_jax.frozen_lm import FrozenLM
@@ -261,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     run = restore_run(config, workdir)
     workdir = paths.path(workdir)
     if jax.process_index() == 0:
-        write_json(workdir / "config.json", config.to_dict())
+        write_json(workdir / "config.json", applicable(config))
     model, trainer, state, frozen, rng = run.model, run.trainer, run.state, run.frozen, run.rng
     tokenizer, checkpointer, data_state = run.tokenizer, run.checkpointer, run.data_state
     mesh, n = trainer.mesh, model.num_prefix_tokens
@@ -318,12 +320,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
             if step % config.train.eval_every == 0 or step == config.train.num_steps:
                 val_loss = eval_loss(state.params, frozen, eval_data, config.train.eval_batches)
                 frozen_lm = FrozenLM(model, merge_params(state.params, frozen), tokenizer, config.vision.image_size)
-                evaluation = {"val_loss": val_loss, **_in_loop_metrics(suite, frozen_lm),
-                              "samples": _samples(config, frozen_lm, eval_data)}
+                images, captions = _samples(config, frozen_lm, eval_data)
+                evaluation = {"val_loss": val_loss, **_in_loop_metrics(suite, frozen_lm), "samples": captions}
                 last_metrics = dict(last_metrics, **evaluation)
                 logger.write(step, evaluation)
-                progress.write(f"step {step}: " + ", ".join(
-                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in evaluation.items()))
+                grid = workdir / "samples" / f"step_{step}.png"
+                if jax.process_index() == 0 and captions:
+                    write_caption_grid(grid, images, captions, IMAGE_MEAN, IMAGE_STD)
+                progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in evaluation.items()
+                                                            if isinstance(v, float))
+                               + (f"; sample captions in {grid}" if captions else ""))
             if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stop["signal"]:
                 _check_finite(jax.device_get(metrics), step, checkpointer, workdir)
                 start = time.perf_counter()
@@ -333,6 +339,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
             if stop["signal"] is not None:
                 progress.write(f"preempted (SIGTERM): saved step {step} and stopping")
                 break
+        if step == config.train.num_steps and step > start_step:
+            frozen_lm = FrozenLM(model, merge_params(state.params, frozen), tokenizer, config.vision.image_size)
+            blank = _in_loop_metrics(suite, frozen_lm.blind())  # every process: params may span them
+            if jax.process_index() == 0:
+                progress.write(summary(config, workdir, last_metrics, blank, suite, time.perf_counter() - tic))
     finally:
         progress.close()
         checkpointer.wait()
@@ -403,13 +414,34 @@ def _in_loop_metrics(suite: Suite | None, frozen_lm: FrozenLM) -> dict:
     return metrics
 
 
-def _samples(config, frozen_lm: FrozenLM, eval_data) -> list[str]:
-    """Greedy captions of the first `train.num_samples` validation images of the first processes."""
+def _samples(config, frozen_lm: FrozenLM, eval_data) -> tuple[np.ndarray, list[str]]:
+    """The first `train.num_samples` validation images (those of the first processes) and their greedy captions."""
     if not config.train.num_samples:
-        return []
+        return np.zeros((0,)), []
     eval_data.set_state(dict(eval_data.get_state(), position=0, batches=0))
     images = next(eval_data)["images"][:config.train.num_samples, 0]
     if jax.process_count() > 1:  # each process holds its own share of the validation data
         images = np.concatenate(list(multihost_utils.process_allgather(images)))[:config.train.num_samples]
     max_new_tokens = config.data.max_len - frozen_lm.model.num_prefix_tokens
-    return frozen_lm.generate([[image] for image in images], max_new_tokens=max_new_tokens)
+    return images, frozen_lm.generate([[image] for image in images], max_new_tokens=max_new_tokens)
+
+
+def summary(config, workdir, metrics: dict, blank: dict, suite: Suite | None, seconds: float) -> str:
+    """What a finished run learned (its in-loop scores against chance and against its own blank-image
+    captions), where its files are, and what to run next."""
+    lines = ["", f"Trained {config.train.num_steps} steps ({seconds / 60:.1f} min in this process) in {workdir}."]
+    if suite is not None:
+        chance = suite.chance()
+        lines.append(f"On {config.train.eval_examples} held-out examples per column (chance; with blank images):")
+        for column in suite.columns():
+            name = metric_name(column.name)
+            if name in metrics:
+                lines.append(f"  {column.name:<32} {metrics[name]:.3f}  (chance {chance[column.name]:.3f}; "
+                             f"blank images {blank[name]:.3f})")
+    lines += [f"Files: checkpoints/, metrics.jsonl, tensorboard/, samples/step_{config.train.num_steps}.png "
+              "(held-out images and their captions), config.json.",
+              "Next:",
+              f"  python -m frozenlm_jax.evaluate --workdir={workdir}   # few-shot tables, blind and LM-only rows, plot",
+              f"  python -c \"import frozenlm_jax, pathlib; m = frozenlm_jax.load_frozen('{workdir}'); "
+              "print(m.generate([[pathlib.Path('image.png'), 'This is']]))\""]
+    return "\n".join(lines)
